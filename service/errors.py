@@ -1,0 +1,131 @@
+"""Client-facing errors and the one JSON shape they take.
+
+Every error the service returns is ``{"error": {"type": ..., "message": ...}}`` with the
+status below. Anything a client can fix is a 4xx; load shedding is a 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+
+class ServiceError(Exception):
+    """Base class: subclasses fix the HTTP status and the error type string."""
+
+    status = 400
+    type = "bad_request"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.type, self.message, self.headers)
+
+
+class InvalidImage(ServiceError):
+    status, type = 400, "invalid_image"
+
+
+class ImageTooLarge(ServiceError):
+    status, type = 413, "image_too_large"
+
+
+class InvalidParameter(ServiceError):
+    status, type = 422, "invalid_parameter"
+
+
+class UnknownModel(ServiceError):
+    status, type = 404, "unknown_model"
+
+
+class Overloaded(ServiceError):
+    status, type = 503, "overloaded"
+
+
+def error_body(type_: str, message: str, detail: Any = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"type": type_, "message": message}
+    if detail is not None:
+        err["detail"] = detail
+    return {"error": err}
+
+
+def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+
+
+_TYPE_BY_STATUS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                   415: "unsupported_media_type", 422: "invalid_parameter", 429: "too_many_requests",
+                   500: "internal", 503: "unavailable"}
+
+
+class ErrorEnvelopeMiddleware:
+    """ASGI middleware that gives every error response the service's JSON shape.
+
+    BentoML answers its own validation failures as ``{"error": "...", "detail": [...]}`` and
+    Starlette answers unknown routes in plain text; this rewrites any >= 400 response whose
+    body is not already ``{"error": {"type", "message"}}``. It also refuses bodies whose
+    Content-Length exceeds ``max_body_bytes`` before they are read (413).
+    """
+
+    def __init__(self, app: Any, max_body_bytes: int | None = None) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.max_body_bytes is not None:
+            for k, v in scope.get("headers", []):
+                if k == b"content-length" and v.isdigit() and int(v) > self.max_body_bytes:
+                    resp = error_response(413, "payload_too_large",
+                                          f"request body of {int(v)} bytes exceeds the limit of {self.max_body_bytes}")
+                    await resp(scope, receive, send)
+                    return
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def wrapped_send(message: dict) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message
+                return
+            if start is not None and message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                await _send_rewritten(send, start, b"".join(chunks))
+                return
+            await send(message)
+
+        await self.app(scope, receive, wrapped_send)
+
+
+async def _send_rewritten(send: Any, start: dict, body: bytes) -> None:
+    status = start["status"]
+    try:
+        doc = json.loads(body) if body else None
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), dict) and "type" in doc["error"]:
+        new_body = body
+    else:
+        if isinstance(doc, dict) and "error" in doc:
+            message, detail = str(doc["error"]), doc.get("detail")
+        elif isinstance(doc, (list, tuple)) and doc and isinstance(doc[0], dict) and "error" in doc[0]:
+            message, detail = str(doc[0]["error"]), None
+        else:
+            message, detail = body.decode("utf-8", "replace").strip() or f"HTTP {status}", None
+        type_ = "invalid_parameter" if status == 400 and detail is not None else _TYPE_BY_STATUS.get(status, "error")
+        if status == 400 and detail is not None:
+            status = 422
+        new_body = json.dumps(error_body(type_, message, detail)).encode()
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(new_body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": new_body})

@@ -1,0 +1,88 @@
+"""Metrics on NumPy arrays, shared by training-time validation and ONNX evaluation.
+
+Classification: top-k accuracy. Segmentation: confusion-matrix IoU per class and mIoU (mean
+over all classes, background included, as torchvision's references do). Detection: COCO
+mAP@[.5:.95] and mAP@.5 computed by pycocotools, never by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+import numpy as np
+
+
+def topk_correct(scores: np.ndarray, targets: np.ndarray, k: int) -> int:
+    """How many rows of ``scores`` [N, C] have their target among the k highest."""
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return int((top == targets[:, None]).any(axis=1).sum())
+
+
+class ClassificationMeter:
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes, self.n, self.top1, self.top5 = num_classes, 0, 0, 0
+
+    def update(self, scores: np.ndarray, targets: np.ndarray) -> None:
+        self.n += len(targets)
+        self.top1 += topk_correct(scores, targets, 1)
+        self.top5 += topk_correct(scores, targets, 5)
+
+    def compute(self) -> dict[str, float]:
+        out = {"top1": self.top1 / max(self.n, 1), "images": self.n}
+        if self.num_classes > 5:
+            out["top5"] = self.top5 / max(self.n, 1)
+        return out
+
+
+class ConfusionMatrix:
+    """Pixel confusion matrix for semantic segmentation; ``ignore_index`` pixels are skipped."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.mat = np.zeros((num_classes, num_classes), np.int64)
+
+    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
+        keep = target != self.ignore_index
+        idx = target[keep].astype(np.int64) * self.num_classes + pred[keep].astype(np.int64)
+        self.mat += np.bincount(idx, minlength=self.num_classes ** 2).reshape(self.num_classes, self.num_classes)
+
+    def compute(self, class_names: list[str] | None = None) -> dict[str, Any]:
+        tp = np.diag(self.mat).astype(np.float64)
+        union = self.mat.sum(0) + self.mat.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = tp / union
+        names = class_names or [str(i) for i in range(self.num_classes)]
+        present = union > 0
+        return {
+            "miou": float(iou[present].mean()) if present.any() else 0.0,
+            "pixel_accuracy": float(tp.sum() / max(self.mat.sum(), 1)),
+            "iou": {n: (float(v) if p else None) for n, v, p in zip(names, iou, present)},
+        }
+
+
+def coco_detection_metrics(coco_gt: Any, detections: list[dict[str, Any]]) -> dict[str, float]:
+    """COCO box mAP with pycocotools. ``detections``: dicts with image_id, category_id,
+    bbox [x, y, w, h] in original pixels, score. ``coco_gt``: a pycocotools COCO object."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections:
+        return {"map": 0.0, "map_50": 0.0, "map_75": 0.0, "detections": 0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = coco_gt.loadRes(detections)
+        ev = COCOeval(coco_gt, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    s = ev.stats
+    return {"map": float(s[0]), "map_50": float(s[1]), "map_75": float(s[2]), "detections": len(detections)}
+
+
+def load_coco(path: str) -> Any:
+    """A pycocotools COCO object for an annotations file, without its console chatter."""
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(path)
