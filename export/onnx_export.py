@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from export.parity import ParityError, check_parity
-from service.contract import METADATA_KEY, BatchSpec, InputSpec, ModelContract, OutputSpec, check_io
+from service.contract import METADATA_KEY, BatchSpec, InputSpec, ModelContract, OutputSpec
+from service.onnx_meta import contract_of
 from training.models import build_model
 
 INPUT_NAME = "images"
@@ -95,16 +96,7 @@ def attach_contract(path: Path, contract: ModelContract) -> onnx.ModelProto:
     entry.key, entry.value = METADATA_KEY, contract.to_json()
     model.producer_name = "convserve"
 
-    def io(values: Any) -> list[tuple[str, str, list[Any]]]:
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-            out.append((v.name, f"tensor({dtype})", dims))
-        return out
-
-    check_io(contract, io(model.graph.input), io(model.graph.output))
+    contract_of(model)  # the document parses and agrees with the graph
     onnx.checker.check_model(model, full_check=True)
     return model
 

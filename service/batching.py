@@ -89,7 +89,9 @@ class DynamicBatcher:
             self.on_batch(len(batch), elapsed)
         for i, (_, fut) in enumerate(batch):
             if not fut.done():
-                fut.set_result({k: (v[i] if self.batch_axis_outputs else v) for k, v in outputs.items()})
+                result: dict[str, Any] = {k: (v[i] if self.batch_axis_outputs else v) for k, v in outputs.items()}
+                result["__batch_size__"] = len(batch)
+                fut.set_result(result)
 
     def stats(self) -> dict[str, Any]:
         return {"queued": self.queued, "max_batch": self.max_batch, "max_queue": self.max_queue}

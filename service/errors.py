@@ -117,6 +117,9 @@ async def _send_rewritten(send: Any, start: dict, body: bytes) -> None:
     else:
         if isinstance(doc, dict) and "error" in doc:
             message, detail = str(doc["error"]), doc.get("detail")
+            if isinstance(detail, list) and detail and all(isinstance(d, dict) and "msg" in d for d in detail):
+                message = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', ()))}: {d['msg']}" for d in detail)
+                detail = [{k: d[k] for k in ("loc", "msg", "type") if k in d} for d in detail]
         elif isinstance(doc, (list, tuple)) and doc and isinstance(doc[0], dict) and "error" in doc[0]:
             message, detail = str(doc[0]["error"]), None
         else:

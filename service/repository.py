@@ -50,6 +50,28 @@ def discover(root: Path) -> list[tuple[str, str, Path]]:
     return found
 
 
+def preflight(settings: Settings) -> list[tuple[str, str, Path]]:
+    """Check the repository without creating sessions: every model.onnx parses and its
+    contract agrees with its graph; an explicit CUDA request can really be met.
+    Raises RepositoryError naming the file."""
+    from service.onnx_meta import read_contract
+
+    found = discover(settings.model_root)
+    for _, _, path in found:
+        try:
+            read_contract(path)
+        except ContractError as exc:
+            raise RepositoryError(f"{path}: invalid model: {exc}") from None
+    if settings.device == "cuda":
+        from service.runtime import DeviceUnavailable, create_session
+
+        try:
+            create_session(found[0][2], "cuda", 1)
+        except DeviceUnavailable as exc:
+            raise RepositoryError(str(exc)) from None
+    return found
+
+
 @dataclass
 class ServedModel:
     model: OnnxModel

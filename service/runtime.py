@@ -39,13 +39,12 @@ def create_session(path: Path | str, device: str = "auto", threads: int = 1) -> 
     """An InferenceSession on the providers ``device`` asks for; see the module docstring."""
     so = session_options(threads)
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
-        previous = ort.get_default_logger_severity()
         if device == "auto":
             ort.set_default_logger_severity(4)  # a failed CUDA load is expected here, not an error
         try:
             sess = ort.InferenceSession(str(path), so, providers=[CUDA, CPU])
         finally:
-            ort.set_default_logger_severity(previous)
+            ort.set_default_logger_severity(2)  # back to ONNX Runtime's default (warnings)
         if CUDA in sess.get_providers():
             return sess
         if device == "cuda":

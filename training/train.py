@@ -163,7 +163,14 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> dict[str, Any]:
         ck = torch.load(out / "last.pt", map_location=device, weights_only=True)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
+        if ck["scheduler"].get("total_steps") == sched.total_steps:
+            sched.load_state_dict(ck["scheduler"])
+        else:  # --epochs/--max-steps changed: a fresh one-cycle over the steps that remain
+            for group in opt.param_groups:
+                group.pop("initial_lr", None)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total - ck["step"], 1),
+                                                        pct_start=0.15)
+            print("training length changed since the checkpoint: new learning-rate schedule for the rest")
         start_epoch, step, best, history = ck["epoch"] + 1, ck["step"], ck["best"], ck["history"]
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
     metric_name = PRIMARY_METRIC[cfg.task]

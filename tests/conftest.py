@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny synthetic datasets, tiny exported models, and a real server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MODELS = ROOT / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small train/val sets of every format, written by the synthetic generator."""
+    from training.synthetic import write_classification, write_detection, write_segmentation
+
+    root = tmp_path_factory.mktemp("data")
+    write_classification(root / "cls" / "train", 40, seed=11)
+    write_classification(root / "cls" / "val", 15, seed=12)
+    write_segmentation(root / "seg" / "train", 16, seed=11)
+    write_segmentation(root / "seg" / "val", 8, seed=12)
+    write_detection(root / "det" / "train", 16, seed=11)
+    write_detection(root / "det" / "val", 8, seed=12)
+    return root
+
+
+def _train(task: str, arch: str, data: Path, out: Path, size: int, width: float, steps: int) -> Path:
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(task=task, train=str(data / "train"), val=str(data / "val"), arch=arch, size=size,
+                      width_mult=width, epochs=1, batch_size=8, lr=1e-3, workers=0, max_steps=steps)
+    train(cfg, out)
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A few optimiser steps per task: enough for real export and parity checks."""
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        "classification": _train("classification", "mobilenet_v3_small", tiny_data / "cls", root / "cls", 64, 0.5, 3),
+        "segmentation": _train("segmentation", "lraspp_mobilenet_v3_large", tiny_data / "seg", root / "seg", 64, 0.5, 2),
+        "detection": _train("detection", "centernet_mobilenet_v3_small", tiny_data / "det", root / "det", 128, 0.5, 2),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tiny_checkpoints: dict[str, Path], tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository of the tiny models, exported through export.onnx_export."""
+    from export.onnx_export import export
+
+    root = tmp_path_factory.mktemp("models")
+    sub = {"classification": "cls", "segmentation": "seg", "detection": "det"}
+    for task, ck in tiny_checkpoints.items():
+        export(ck, f"tiny-{sub[task]}", "1", root, "tiny synthetic", tiny_data / sub[task] / "val", 8)
+    return root
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
+        self.proc, self.url, self.log = proc, url, log
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(model_root: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 120.0) -> Server:
+    """``bentoml serve`` on a free loopback port; returns once /readyz answers 200."""
+    import urllib.request
+
+    port = free_port()
+    # Each server gets its own BENTOML_HOME: BentoML keeps its Prometheus multiprocess files
+    # there, and two servers sharing one directory corrupt each other's /metrics.
+    home = log.parent / f"bentoml-home-{port}"
+    full_env = {**os.environ, "CONVSERVE_MODEL_ROOT": str(model_root), "BENTOML_DO_NOT_TRACK": "true",
+                "BENTOML_HOME": str(home), **(env or {})}
+    fh = open(log, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "service.service:ConvServe", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return Server(proc, url, log)
+        except Exception:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"server not ready after {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The real service on the shipped models/ (CPU)."""
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    srv = start_server(SHIPPED_MODELS, log, env={"CONVSERVE_DEVICE": "cpu"})
+    yield srv
+    stop_server(srv.proc)

@@ -1,0 +1,234 @@
+"""The real BentoML server on the shipped models, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import start_server, stop_server
+from tests.service.helpers import box_iou, get, jpeg, post, scene
+from tests.service.test_imaging import decompression_bomb_png
+from training.synthetic import SHAPES, render_scene
+
+
+def _ok(server) -> None:
+    """The server still answers a normal request."""
+    status, _, body = post(server.url + "/classify", {"image": ("x.jpg", jpeg(scene(1).image))})
+    assert status == 200, body
+
+
+def test_health_and_models(server) -> None:
+    assert get(server.url + "/livez")[0] == 200
+    assert get(server.url + "/readyz")[0] == 200
+    status, _, body = get(server.url + "/models")
+    assert status == 200
+    tasks = {m["task"]: m for m in body["models"]}
+    assert set(tasks) == {"classification", "detection", "segmentation"}
+    for m in body["models"]:
+        assert m["providers"] == ["CPUExecutionProvider"] and m["version"] == "1" and m["default_version"]
+        assert m["labels"] and m["input"]["height"] > 0
+
+
+def test_classify_right_class(server) -> None:
+    rng = np.random.default_rng(123)
+    correct = 0
+    for i in range(10):
+        cid = i % len(SHAPES)
+        img = render_scene(rng, 160, 140, 1, 30, 60, class_ids=[cid]).image
+        status, _, body = post(server.url + "/classify", {"image": ("s.jpg", jpeg(img))}, {"top_k": "3"})
+        assert status == 200, body
+        assert len(body["labels"]) == 3 and body["image"] == {"width": 160, "height": 140, "format": "JPEG"}
+        assert body["model"] == {"name": "shapes-classifier", "version": "1"}
+        assert abs(sum(l["score"] for l in body["labels"]) - 1) < 0.05 or body["labels"][0]["score"] > 0.5
+        correct += body["labels"][0]["label"] == SHAPES[cid]
+    assert correct >= 9
+
+
+def _true_boxes(sc):
+    return [(list(inst.bbox_xyxy), SHAPES[inst.class_id]) for inst in sc.instances]
+
+
+def test_detect_boxes_overlap_the_true_ones(server) -> None:
+    found = total = 0
+    for seed in range(5):
+        sc = scene(1000 + seed, 320, 240)
+        status, _, body = post(server.url + "/detect", {"image": ("d.jpg", jpeg(sc.image))}, {"score_threshold": "0.3"})
+        assert status == 200, body
+        for box, label in _true_boxes(sc):
+            total += 1
+            found += any(d["label"] == label and box_iou(d["box"], box) >= 0.5 for d in body["detections"])
+        for d in body["detections"]:
+            assert 0 <= d["box"][0] <= d["box"][2] <= 320 and 0 <= d["box"][1] <= d["box"][3] <= 240
+    assert found / total >= 0.8, (found, total)
+
+
+def test_detect_parameters_are_applied(server) -> None:
+    data = jpeg(scene(1001).image)
+    _, _, many = post(server.url + "/detect", {"image": ("d.jpg", data)}, {"score_threshold": "0.0", "max_detections": "7"})
+    assert len(many["detections"]) == 7
+    scores = [d["score"] for d in many["detections"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_exif_rotated_upload_gives_rotated_coordinates(server) -> None:
+    sc = scene(2024, 320, 240)
+    upright = jpeg(sc.image)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # viewer rotates 90 deg clockwise
+    stored = sc.image.transpose(Image.Transpose.ROTATE_90)  # so the displayed image is the upright one
+    rotated = jpeg(stored, exif=exif)
+    _, _, a = post(server.url + "/detect", {"image": ("u.jpg", upright)})
+    _, _, b = post(server.url + "/detect", {"image": ("r.jpg", rotated)})
+    assert a["image"]["width"] == b["image"]["width"] == 320 and b["image"]["height"] == 240
+    assert a["detections"]
+    for d in a["detections"]:
+        assert any(box_iou(d["box"], e["box"]) > 0.8 and d["label"] == e["label"] for e in b["detections"])
+
+
+def test_segment_masks_match_the_truth(server) -> None:
+    from pycocotools import mask as mask_utils
+
+    ious = []
+    for seed in range(3):
+        sc = scene(3000 + seed, 256, 200)
+        truth = sc.semantic_mask()
+        status, _, body = post(server.url + "/segment", {"image": ("s.jpg", jpeg(sc.image))})
+        assert status == 200, body
+        by_id = {c["label_id"]: c for c in body["classes"]}
+        for lab in np.unique(truth):
+            if lab == 0:
+                continue
+            assert lab in by_id, f"class {lab} missing"
+            m = mask_utils.decode({"size": by_id[lab]["rle"]["size"], "counts": by_id[lab]["rle"]["counts"].encode()})
+            assert m.shape == truth.shape and int(m.sum()) == by_id[lab]["area"]
+            t = truth == lab
+            ious.append((m.astype(bool) & t).sum() / (m.astype(bool) | t).sum())
+    assert np.mean(ious) >= 0.7, ious
+
+
+def test_segment_polygon_and_png_formats(server) -> None:
+    import base64
+    import io
+
+    sc = scene(3100, 256, 200)
+    _, _, poly = post(server.url + "/segment", {"image": ("s.jpg", jpeg(sc.image))}, {"mask_format": "polygon"})
+    assert poly["classes"] and all(c["polygons"] and len(c["polygons"][0]) >= 6 for c in poly["classes"])
+    _, _, png = post(server.url + "/segment", {"image": ("s.jpg", jpeg(sc.image))}, {"mask_format": "png"})
+    cmap = np.asarray(Image.open(io.BytesIO(base64.b64decode(png["mask_png"]))))
+    assert cmap.shape == (200, 256)
+    assert {int(v) for v in np.unique(cmap)} - {0} == {c["label_id"] for c in png["classes"]}
+
+
+@pytest.mark.parametrize("case", ["not_image", "truncated", "empty", "bomb", "unknown_model", "bad_version",
+                                  "wrong_task", "top_k_zero", "top_k_text", "threshold", "mask_format", "no_image"])
+def test_bad_input_gets_4xx_json_and_server_keeps_serving(server, case) -> None:
+    good = jpeg(scene(5).image)
+    endpoint, files, fields, status_want, type_want = {
+        "not_image": ("classify", {"image": ("a.txt", b"this is text")}, {}, 400, "invalid_image"),
+        "truncated": ("classify", {"image": ("t.jpg", good[: len(good) // 3])}, {}, 400, "invalid_image"),
+        "empty": ("classify", {"image": ("e.jpg", b"")}, {}, 400, "invalid_image"),
+        "bomb": ("detect", {"image": ("b.png", decompression_bomb_png(50000, 50000))}, {}, 413, "image_too_large"),
+        "unknown_model": ("classify", {"image": ("g.jpg", good)}, {"model": "nope"}, 404, "unknown_model"),
+        "bad_version": ("classify", {"image": ("g.jpg", good)}, {"model": "shapes-classifier:9"}, 404, "unknown_model"),
+        "wrong_task": ("classify", {"image": ("g.jpg", good)}, {"model": "shapes-detector"}, 422, "invalid_parameter"),
+        "top_k_zero": ("classify", {"image": ("g.jpg", good)}, {"top_k": "0"}, 422, "invalid_parameter"),
+        "top_k_text": ("classify", {"image": ("g.jpg", good)}, {"top_k": "many"}, 422, "invalid_parameter"),
+        "threshold": ("detect", {"image": ("g.jpg", good)}, {"score_threshold": "1.5"}, 422, "invalid_parameter"),
+        "mask_format": ("segment", {"image": ("g.jpg", good)}, {"mask_format": "jpeg"}, 422, "invalid_parameter"),
+        "no_image": ("detect", {}, {"top_k": "1"}, 422, "invalid_parameter"),
+    }[case]
+    status, headers, body = post(f"{server.url}/{endpoint}", files, fields)
+    assert status == status_want, body
+    assert headers.get("content-type", headers.get("Content-Type", "")).startswith("application/json")
+    assert body["error"]["type"] == type_want and body["error"]["message"]
+    _ok(server)
+
+
+def test_oversized_upload_is_refused_before_the_body_is_read(server) -> None:
+    """A 40 MiB Content-Length is answered 413 from the headers alone (no body sent)."""
+    import json
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                  f"Content-Length: {40 * 1024 * 1024}\r\n\r\n".encode())
+        raw = b""
+        while b"\r\n\r\n" not in raw or not raw.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert json.loads(body)["error"]["type"] == "payload_too_large"
+    _ok(server)
+
+
+def test_upload_over_the_byte_limit_is_413(tmp_path: Path) -> None:
+    """Below the transport cut-off but above CONVSERVE_MAX_BYTES: refused by the decoder."""
+    srv = start_server(Path(__file__).resolve().parents[2] / "models", tmp_path / "serve.log",
+                       env={"CONVSERVE_DEVICE": "cpu", "CONVSERVE_MAX_BYTES": "100000"})
+    try:
+        big = jpeg(Image.effect_noise((800, 800), 80).convert("RGB"))
+        assert len(big) > 100000
+        status, _, body = post(srv.url + "/classify", {"image": ("big.jpg", big)})
+        assert status == 413 and body["error"]["type"] == "image_too_large"
+        _ok(srv)
+    finally:
+        stop_server(srv.proc)
+
+
+def test_large_phone_photo_is_served(server) -> None:
+    img = Image.new("RGB", (4000, 3000), (40, 90, 160))
+    status, _, body = post(server.url + "/classify", {"image": ("p.jpg", jpeg(img))})
+    assert status == 200 and body["image"]["width"] == 4000 and body["image"]["height"] == 3000
+
+
+def _histogram_counts(metrics: str, name: str, model: str) -> tuple[float, float]:
+    le1 = total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}_bucket") and f'model="{model}"' in line and 'le="1.0"' in line:
+            le1 += float(line.rsplit(" ", 1)[1])
+        if line.startswith(f"{name}_count") and f'model="{model}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return le1, total
+
+
+def test_concurrent_requests_are_batched(server) -> None:
+    images = [jpeg(scene(100 + i, 200, 160).image) for i in range(32)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda d: post(server.url + "/classify", {"image": ("c.jpg", d)}), images))
+    assert all(s == 200 for s, _, _ in results)
+    assert max(b["timing"]["batch_size"] for _, _, b in results) > 1
+    status, _, text = get(server.url + "/metrics")
+    assert status == 200 and "convserve_inference_seconds" in text and "bentoml_service_request_total" in text
+    ones, total = _histogram_counts(text, "convserve_batch_size", "shapes-classifier:1")
+    assert total >= 32 / 16 and ones < total, (ones, total)
+
+
+def test_broken_model_stops_start_up_naming_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "repo" / "broken" / "1" / "model.onnx"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(RuntimeError) as exc:
+        start_server(tmp_path / "repo", tmp_path / "serve.log", timeout=90)
+    assert str(bad) in str(exc.value)
+
+
+def test_explicit_cuda_without_gpu_fails_start_up(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    try:
+        srv = start_server(Path(__file__).resolve().parents[2] / "models", tmp_path / "serve.log",
+                           env={"CONVSERVE_DEVICE": "cuda"}, timeout=90)
+    except RuntimeError as exc:
+        assert "CONVSERVE_DEVICE=cuda" in str(exc)
+        return
+    stop_server(srv.proc)
+    pytest.skip("this machine has a usable CUDA device: cuda start-up succeeded")

@@ -1,0 +1,69 @@
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training.synthetic import SHAPES, write_classification, write_detection, write_segmentation
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path: Path) -> None:
+    for writer in (write_classification, write_detection, write_segmentation):
+        writer(tmp_path / "a", 6, seed=3)
+        writer(tmp_path / "b", 6, seed=3)
+        writer(tmp_path / "c", 6, seed=4)
+        assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+        assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+        for d in "abc":
+            import shutil
+            shutil.rmtree(tmp_path / d)
+
+
+def test_imagefolder_layout(tmp_path: Path) -> None:
+    write_classification(tmp_path, 10, seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(SHAPES)
+    assert sum(1 for _ in tmp_path.rglob("*.jpg")) == 10
+    for f in tmp_path.rglob("*.jpg"):
+        assert Image.open(f).mode == "RGB"
+
+
+def test_coco_file_is_valid_for_pycocotools(tmp_path: Path) -> None:
+    from pycocotools import mask as mask_utils
+
+    from training.metrics import load_coco
+
+    write_detection(tmp_path, 8, seed=0)
+    coco = load_coco(str(tmp_path / "annotations.json"))
+    assert len(coco.getImgIds()) == 8
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(SHAPES)
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert anns, "scenes must contain shapes"
+    for a in anns:
+        img = coco.loadImgs(a["image_id"])[0]
+        m = coco.annToMask(a)
+        assert m.shape == (img["height"], img["width"])
+        assert m.sum() == a["area"]
+        x, y, w, h = a["bbox"]
+        ys, xs = np.nonzero(m)
+        assert (xs.min(), ys.min(), xs.max() + 1 - x, ys.max() + 1 - y) == (x, y, w, h)
+        assert mask_utils.area(a["segmentation"]) == a["area"]
+
+
+def test_segmentation_pairs(tmp_path: Path) -> None:
+    write_segmentation(tmp_path, 6, seed=0)
+    classes = (tmp_path / "classes.txt").read_text().split()
+    assert classes == ["background", *SHAPES]
+    for img in (tmp_path / "images").iterdir():
+        mask = np.asarray(Image.open(tmp_path / "masks" / f"{img.stem}.png"))
+        assert mask.shape == Image.open(img).size[::-1]
+        assert mask.max() < len(classes) and (mask > 0).any()
