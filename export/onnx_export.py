@@ -30,6 +30,7 @@ from export.parity import ParityError, check_parity
 from service.contract import METADATA_KEY, BatchSpec, InputSpec, ModelContract, OutputSpec
 from service.onnx_meta import contract_of
 from training.models import build_model
+from training.tv_detection import BUILDERS as TORCHVISION_DETECTORS
 
 INPUT_NAME = "images"
 OPSET = 17
@@ -49,8 +50,10 @@ def export_module(model: nn.Module, task: str) -> tuple[nn.Module, list[str]]:
     """The module that becomes the graph, and its output names."""
     if task == "detection":
         from training.centernet import CenterNetExport
+        from training.tv_detection import TorchvisionDetectorExport
 
-        return CenterNetExport(model).eval(), ["boxes", "scores", "labels"]
+        wrapper = TorchvisionDetectorExport if getattr(model, "takes_uint8", False) else CenterNetExport
+        return wrapper(model).eval(), ["boxes", "scores", "labels"]
     if task == "segmentation":
         return model, ["masks"]
     return model, ["logits"]
@@ -65,9 +68,14 @@ def build_contract(cfg: dict[str, Any], metrics: dict[str, Any], dataset: str, c
         outputs = OutputSpec(kind="mask_logits", masks="masks")
         inp = InputSpec(name=INPUT_NAME, height=size, width=size, resize="stretch")
     else:
+        inp = InputSpec(name=INPUT_NAME, height=size, width=size, resize="letterbox", pad_value=114)
         outputs = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels",
                              max_detections=MAX_DETECTIONS, nms_in_graph=True)
-        inp = InputSpec(name=INPUT_NAME, height=size, width=size, resize="letterbox", pad_value=114)
+    labels = list(cfg["classes"])
+    batch = BatchSpec(dynamic=True)
+    if cfg["arch"] in TORCHVISION_DETECTORS:  # one image per call; label 0 is background
+        labels, batch = ["__background__", *labels], BatchSpec(dynamic=False, size=1)
+        outputs = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels", nms_in_graph=True)
     provenance = {
         "architecture": cfg["arch"], "width_mult": cfg.get("width_mult", 1.0), "dataset": dataset,
         "training": {k: cfg[k] for k in ("epochs", "batch_size", "lr", "seed", "train", "val") if k in cfg},
@@ -75,17 +83,19 @@ def build_contract(cfg: dict[str, Any], metrics: dict[str, Any], dataset: str, c
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "checkpoint_sha256": checkpoint_sha256, "torch": torch.__version__, "opset": OPSET,
     }
-    return ModelContract(task=task, labels=list(cfg["classes"]), input=inp, outputs=outputs,
-                         batch=BatchSpec(dynamic=True), provenance=provenance)
+    return ModelContract(task=task, labels=labels, input=inp, outputs=outputs, batch=batch, provenance=provenance)
 
 
-def to_onnx(module: nn.Module, size: int, output_names: list[str], path: Path) -> None:
-    dummy = torch.full((2, size, size, 3), 114, dtype=torch.uint8)
-    torch.onnx.export(
-        module, (dummy,), str(path), input_names=[INPUT_NAME], output_names=output_names,
-        dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in output_names}},
-        opset_version=OPSET, dynamo=False, do_constant_folding=True,
-    )
+def to_onnx(module: nn.Module, size: int, output_names: list[str], path: Path, dynamic_batch: bool = True) -> None:
+    """TorchScript-based export (dynamo=False): the dynamo exporter fails inside torchvision's NMS."""
+    if dynamic_batch:
+        dummy = torch.full((2, size, size, 3), 114, dtype=torch.uint8)
+        axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in output_names}}
+    else:  # one image per call; the detection count is the dynamic axis
+        dummy = torch.full((1, size, size, 3), 114, dtype=torch.uint8)
+        axes = {n: {0: "detections"} for n in output_names}
+    torch.onnx.export(module, (dummy,), str(path), input_names=[INPUT_NAME], output_names=output_names,
+                      dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
 
 
 def attach_contract(path: Path, contract: ModelContract) -> onnx.ModelProto:
@@ -110,7 +120,7 @@ def export(checkpoint: Path, name: str, version: str, models_dir: Path, dataset:
     module, output_names = export_module(model, cfg["task"])
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
-        to_onnx(module, cfg["size"], output_names, raw)
+        to_onnx(module, cfg["size"], output_names, raw, dynamic_batch=contract.batch.dynamic)
         proto = attach_contract(raw, contract)
         onnx.save(proto, str(raw))
         report = check_parity(module, raw, contract, parity_data, parity_images) if parity_data else {"skipped": True}

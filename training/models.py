@@ -56,22 +56,27 @@ def _segmenter(arch: str, num_classes: int, width_mult: float) -> nn.Module:
 
 def _detector(arch: str, num_classes: int, width_mult: float) -> nn.Module:
     from training.centernet import CenterNet
+    from training.tv_detection import BUILDERS, TorchvisionDetector
 
     if arch.startswith("centernet_"):
         return CenterNet(num_classes, backbone=arch.removeprefix("centernet_"), width_mult=width_mult)
+    if arch in BUILDERS:
+        return TorchvisionDetector(arch, num_classes)
     raise ValueError(arch)
 
 
 ARCHITECTURES: dict[str, dict[str, Callable[[str, int, float], nn.Module]]] = {
     "classification": {a: _classifier for a in ("mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet50")},
     "segmentation": {a: _segmenter for a in ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50")},
-    "detection": {a: _detector for a in ("centernet_mobilenet_v3_small", "centernet_mobilenet_v3_large")},
+    "detection": {a: _detector for a in ("centernet_mobilenet_v3_small", "centernet_mobilenet_v3_large",
+                                         "ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn")},
 }
 
 
 def build_model(task: str, arch: str, num_classes: int, width_mult: float = 1.0,
-                weights: Path | str | None = None) -> Normalized:
-    """Build ``arch`` for ``task`` wrapped in :class:`Normalized`.
+                weights: Path | str | None = None) -> nn.Module:
+    """Build ``arch`` for ``task`` wrapped in :class:`Normalized` (models that normalise
+    themselves, torchvision's detectors, come back as they are: they take uint8 already).
 
     ``weights``: a local state-dict file for the core model (e.g. torchvision pretrained
     weights you downloaded yourself); keys that do not fit (the class head) are skipped.
@@ -94,4 +99,4 @@ def build_model(task: str, arch: str, num_classes: int, width_mult: float = 1.0,
         fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         core.load_state_dict(fitting, strict=False)
         print(f"loaded {len(fitting)}/{len(own)} tensors from {weights}")
-    return Normalized(core)
+    return core if getattr(core, "takes_uint8", False) else Normalized(core)

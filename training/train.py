@@ -94,6 +94,8 @@ def compute_loss(task: str, model: torch.nn.Module, images: torch.Tensor, target
     if task == "detection":
         from training.centernet import centernet_loss
 
+        if getattr(model, "takes_uint8", False):  # torchvision detector: computes its own losses
+            return model(images, targets)
         return centernet_loss(model.core(model.normalize(images)), targets, num_classes)
     return F.cross_entropy(model(images), targets)
 
@@ -121,19 +123,23 @@ def validate(task: str, model: torch.nn.Module, loader: DataLoader, classes: lis
         return cm.compute(classes)
     from training.centernet import CenterNetExport
 
-    decoder = CenterNetExport(model)
+    if getattr(model, "takes_uint8", False):
+        predict = model.predict
+    else:
+        decoder = CenterNetExport(model)
+        predict = lambda x: list(zip(*decoder(x)))  # noqa: E731
     coco = load_coco(str(Path(val_root) / "annotations.json"))
     label_to_cat = sorted(coco.getCatIds())
     dets: list[dict[str, Any]] = []
     for images, targets in loader:
-        boxes, scores, labels = (t.cpu().numpy() for t in decoder(images.to(device)))
-        for b, t in enumerate(targets):
-            keep = scores[b] > 0.01
-            bx = boxes[b][keep].copy()
+        for (boxes, scores, labels), t in zip(predict(images.to(device)), targets):
+            boxes, scores, labels = boxes.cpu().numpy(), scores.cpu().numpy(), labels.cpu().numpy()
+            keep = scores > 0.01
+            bx = boxes[keep].copy()
             sx, sy = t["scale"].tolist()
             bx[:, [0, 2]] /= sx
             bx[:, [1, 3]] /= sy
-            for (x1, y1, x2, y2), s, lab in zip(bx, scores[b][keep], labels[b][keep]):
+            for (x1, y1, x2, y2), s, lab in zip(bx, scores[keep], labels[keep]):
                 dets.append({"image_id": int(t["image_id"]), "category_id": label_to_cat[int(lab)],
                              "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(s)})
     return coco_detection_metrics(coco, dets)

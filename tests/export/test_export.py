@@ -71,3 +71,25 @@ def test_export_cli_and_evaluate_cli(tiny_checkpoints, tiny_data, tmp_path) -> N
     assert r.returncode == 0, r.stderr
     metrics = json.loads(r.stdout)
     assert 0.0 <= metrics["miou"] <= 1.0 and set(metrics["iou"]) == {"background", "circle", "square", "triangle", "hexagon", "star"}
+
+
+def test_torchvision_detector_trains_and_exports_as_a_batch_1_graph(tiny_data, tmp_path) -> None:
+    from export.evaluate import evaluate
+    from export.onnx_export import export
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(task="detection", train=str(tiny_data / "det" / "train"), val=str(tiny_data / "det" / "val"),
+                      arch="ssdlite320_mobilenet_v3_large", size=160, epochs=1, batch_size=4, workers=0, max_steps=2)
+    train(cfg, tmp_path / "run")
+    path, report = export(tmp_path / "run" / "best.pt", "ssd", "1", tmp_path / "models", "tiny", tiny_data / "det" / "val", 4)
+    assert report["unmatched_detections"] <= 0.02 * report["detections_compared"]
+    model = OnnxModel.load(path, "ssd", "1", "cpu", 2)
+    c = model.contract
+    assert not c.batch.dynamic and c.batch.size == 1 and c.labels[0] == "__background__"
+    x = sample_batch(tiny_data / "det" / "val", c, 2)
+    out = model.run(x[:1])
+    assert out["boxes"].ndim == 2 and out["boxes"].shape[1] == 4 and out["scores"].shape == out["labels"].shape
+    with pytest.raises(Exception):
+        model.run(x)  # two images: the graph takes exactly one
+    metrics = evaluate(path, tiny_data / "det" / "val")
+    assert 0 <= metrics["map"] <= metrics["map_50"] <= 1

@@ -1,0 +1,162 @@
+"""Service throughput against the in-process ceiling, in one run on one machine.
+
+Usage (the service must be running; see README "Benchmark")::
+
+    python -m loadtest.benchmark --url http://127.0.0.1:3000 --endpoint classify \\
+        --concurrency 1,4,16 --requests 200
+
+(a) ceiling: the service's own decode + resize + ONNX Runtime code, in process, no HTTP,
+    batches of CONVSERVE_MAX_BATCH, the same thread settings; also ONNX Runtime alone on
+    already-prepared inputs. (b) the service over HTTP at each concurrency (one persistent
+    connection per client thread). Prints a Markdown table and a JSON line. Every loop is
+    bounded by --requests and --max-seconds; load goes to the given URL only (loopback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import statistics
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from PIL import Image
+
+from service.imaging import decode_image
+from service.preprocess import prepare
+from service.repository import discover
+from service.runtime import OnnxModel
+from service.settings import Settings
+from training.synthetic import render_scene
+
+TASK_OF = {"classify": "classification", "detect": "detection", "segment": "segmentation"}
+
+
+def make_images(count: int, width: int, height: int, seed: int = 0) -> list[bytes]:
+    """JPEG scenes of the given size (several shapes on a textured background)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        img = render_scene(rng, width, height, 3, 0.08 * min(width, height), 0.25 * min(width, height)).image
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def ceiling(model: OnnxModel, images: list[bytes], settings: Settings, seconds: float) -> dict[str, float]:
+    """img/s of decode+resize+ORT in batches, and of ORT alone, in this process."""
+    c = model.contract.input
+    bs = settings.max_batch if model.contract.batch.dynamic else 1
+
+    def prep(data: bytes) -> np.ndarray:
+        d = decode_image(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, draft_to=max(c.width, c.height))
+        return prepare(d.image, c.width, c.height, c.resize, c.pad_value, orig_size=(d.width, d.height))[0]
+
+    prepared = np.stack([prep(d) for d in images[:bs]])
+    model.run(prepared)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        model.run(prepared)
+        n += len(prepared)
+    ort_only = n / (time.perf_counter() - t0)
+    n, t0, i = 0, time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        batch = np.stack([prep(images[(i + k) % len(images)]) for k in range(bs)])
+        model.run(batch)
+        n, i = n + bs, i + bs
+    return {"ort_only_img_s": ort_only, "pipeline_img_s": n / (time.perf_counter() - t0), "batch": bs}
+
+
+def _multipart(data: bytes) -> tuple[bytes, str]:
+    b = uuid.uuid4().hex
+    body = (f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="i.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{b}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={b}"
+
+
+def load(url: str, endpoint: str, images: list[bytes], concurrency: int, requests: int, max_seconds: float) -> dict[str, float]:
+    """Closed-loop load: ``concurrency`` clients, ``requests`` in all (or until max_seconds)."""
+    u = urlparse(url)
+    bodies = [_multipart(d) for d in images]
+    lock, latencies, errors = threading.Lock(), [], {"n": 0}
+    counter = iter(range(requests))
+    deadline = time.perf_counter() + max_seconds
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        while time.perf_counter() < deadline:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                break
+            body, ctype = bodies[i % len(bodies)]
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", f"/{endpoint}", body, {"Content-Type": ctype})
+                resp = conn.getresponse()
+                resp.read()
+                ok = resp.status == 200
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+                ok = False
+            dt = time.perf_counter() - t0
+            with lock:
+                if ok:
+                    latencies.append(dt)
+                else:
+                    errors["n"] += 1
+        conn.close()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(client) for _ in range(concurrency)]:
+            f.result()
+    wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3 if lat else float("nan")  # noqa: E731
+    return {"concurrency": concurrency, "ok": len(lat), "errors": errors["n"], "req_s": len(lat) / wall,
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "mean_ms": statistics.fmean(lat) * 1e3 if lat else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:3000")
+    p.add_argument("--endpoint", choices=sorted(TASK_OF), default="classify")
+    p.add_argument("--model-root", type=Path, help="repository the service serves (default: the service's default)")
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="cap per concurrency level")
+    p.add_argument("--ceiling-seconds", type=float, default=5.0)
+    p.add_argument("--image-size", default="640x480")
+    a = p.parse_args(argv)
+    w, h = (int(v) for v in a.image_size.split("x"))
+    images = make_images(16, w, h)
+    settings = Settings.from_env()
+    root = a.model_root or settings.model_root
+    task = TASK_OF[a.endpoint]
+    name, version, path = next((n, v, pth) for n, v, pth in discover(root) if OnnxModel.load(pth, n, v, "cpu", 1).contract.task == task)
+    model = OnnxModel.load(path, name, version, settings.device, settings.ort_threads)
+    ceil = ceiling(model, images, settings, a.ceiling_seconds)
+    rows = [load(a.url, a.endpoint, images, int(c), a.requests, a.max_seconds) for c in a.concurrency.split(",")]
+    print(f"\n/{a.endpoint} on {name}:{version}, {w}x{h} JPEG, ORT threads {settings.ort_threads}")
+    print(f"in-process ceiling: {ceil['pipeline_img_s']:.1f} img/s (decode+resize+ORT, batch {ceil['batch']}); "
+          f"ORT alone {ceil['ort_only_img_s']:.1f} img/s")
+    print("| concurrency | req/s | p50 ms | p99 ms | errors | service / ceiling |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['req_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+              f"{r['req_s'] / ceil['pipeline_img_s']:.2f} |")
+    print(json.dumps({"endpoint": a.endpoint, "model": f"{name}:{version}", "ceiling": ceil, "service": rows}))
+
+
+if __name__ == "__main__":
+    main()
