@@ -1,15 +1,18 @@
 """Service throughput against the in-process ceiling, in one run on one machine.
 
-Usage (the service must be running; see README "Benchmark")::
+Usage (see README "Benchmark")::
 
-    python -m loadtest.benchmark --url http://127.0.0.1:3000 --endpoint classify \\
-        --concurrency 1,4,16 --requests 200
+    python -m loadtest.benchmark                      # starts the service and the baseline here
+    python -m loadtest.benchmark --url http://127.0.0.1:3000 --no-naive   # a running container
 
 (a) ceiling: the service's own decode + resize + ONNX Runtime code, in process, no HTTP,
     batches of CONVSERVE_MAX_BATCH, the same thread settings; also ONNX Runtime alone on
-    already-prepared inputs. (b) the service over HTTP at each concurrency (one persistent
-    connection per client thread). Prints a Markdown table and a JSON line. Every loop is
-    bounded by --requests and --max-seconds; load goes to the given URL only (loopback).
+    already-prepared inputs. (b) the service over HTTP at rising concurrency (one persistent
+    connection per client thread) until throughput stops rising. (c) the naive baseline
+    (loadtest/naive_server.py: FastAPI + ORT, one image per call) at the same concurrencies.
+
+Prints a Markdown table per endpoint and a JSON line. Every loop is bounded by --requests
+and --max-seconds; load goes to the given URLs only (loopback by default).
 """
 
 from __future__ import annotations
@@ -127,35 +130,125 @@ def load(url: str, endpoint: str, images: list[bytes], concurrency: int, request
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "mean_ms": statistics.fmean(lat) * 1e3 if lat else float("nan")}
 
 
+class _Process:
+    """A server subprocess on a free loopback port, stopped on exit."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], ready_path: str) -> None:
+        import os
+        import socket
+        import subprocess
+        import sys
+        import tempfile
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="convserve-bench-", suffix=".log", delete=False)
+        argv = [sys.executable, *[a.replace("{port}", str(self.port)) for a in argv]]
+        self.proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{argv} exited; log: {self.log.name}")
+            try:
+                with urllib.request.urlopen(self.url + ready_path, timeout=2) as r:
+                    if r.status < 500:
+                        return
+            except Exception:
+                time.sleep(0.5)
+        self.stop()
+        raise SystemExit(f"{argv} not ready in 180 s; log: {self.log.name}")
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+
+
+def sweep(url: str, endpoint: str, images: list[bytes], levels: list[int], requests: int,
+          max_seconds: float) -> list[dict[str, float]]:
+    """Load at each concurrency until throughput stops rising (< 5% over the best so far)."""
+    rows: list[dict[str, float]] = []
+    for c in levels:
+        rows.append(load(url, endpoint, images, c, requests, max_seconds))
+        best = max(r["req_s"] for r in rows[:-1]) if len(rows) > 1 else 0.0
+        if len(rows) > 2 and rows[-1]["req_s"] < 1.05 * best:
+            break
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
+    import tempfile
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default="http://127.0.0.1:3000")
-    p.add_argument("--endpoint", choices=sorted(TASK_OF), default="classify")
-    p.add_argument("--model-root", type=Path, help="repository the service serves (default: the service's default)")
-    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--url", help="a running service (e.g. a container); default: start one here")
+    p.add_argument("--naive-url", help="a running naive baseline; default: start one here (unless --no-naive)")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive FastAPI baseline")
+    p.add_argument("--endpoints", default="classify,detect,segment")
+    p.add_argument("--model-root", type=Path, help="model repository (default: the service's default)")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32", help="levels, stopping when throughput stops rising")
     p.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="cap per concurrency level")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="cap per concurrency level")
     p.add_argument("--ceiling-seconds", type=float, default=5.0)
     p.add_argument("--image-size", default="640x480")
+    p.add_argument("--json-out", type=Path, help="also write the results here")
     a = p.parse_args(argv)
     w, h = (int(v) for v in a.image_size.split("x"))
     images = make_images(16, w, h)
     settings = Settings.from_env()
     root = a.model_root or settings.model_root
-    task = TASK_OF[a.endpoint]
-    name, version, path = next((n, v, pth) for n, v, pth in discover(root) if OnnxModel.load(pth, n, v, "cpu", 1).contract.task == task)
-    model = OnnxModel.load(path, name, version, settings.device, settings.ort_threads)
-    ceil = ceiling(model, images, settings, a.ceiling_seconds)
-    rows = [load(a.url, a.endpoint, images, int(c), a.requests, a.max_seconds) for c in a.concurrency.split(",")]
-    print(f"\n/{a.endpoint} on {name}:{version}, {w}x{h} JPEG, ORT threads {settings.ort_threads}")
-    print(f"in-process ceiling: {ceil['pipeline_img_s']:.1f} img/s (decode+resize+ORT, batch {ceil['batch']}); "
-          f"ORT alone {ceil['ort_only_img_s']:.1f} img/s")
-    print("| concurrency | req/s | p50 ms | p99 ms | errors | service / ceiling |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['concurrency']} | {r['req_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
-              f"{r['req_s'] / ceil['pipeline_img_s']:.2f} |")
-    print(json.dumps({"endpoint": a.endpoint, "model": f"{name}:{version}", "ceiling": ceil, "service": rows}))
+    levels = [int(c) for c in a.concurrency.split(",")]
+    started: list[_Process] = []
+    try:
+        url = a.url
+        if not url:
+            home = tempfile.mkdtemp(prefix="bentoml-home-")
+            started.append(_Process(["-m", "bentoml", "serve", "service.service:ConvServe", "--host", "127.0.0.1",
+                                     "--port", "{port}"], {"CONVSERVE_MODEL_ROOT": str(root), "BENTOML_HOME": home,
+                                                           "BENTOML_DO_NOT_TRACK": "true"}, "/readyz"))
+            url = started[-1].url
+        naive_url = a.naive_url
+        if not naive_url and not a.no_naive:
+            started.append(_Process(["-m", "loadtest.naive_server", "--port", "{port}", "--model-root", str(root)],
+                                    {}, "/docs"))
+            naive_url = started[-1].url
+        results = []
+        found = discover(root)
+        for endpoint in a.endpoints.split(","):
+            task = TASK_OF[endpoint]
+            name, version, path = next((n, v, pth) for n, v, pth in found
+                                       if OnnxModel.load(pth, n, v, "cpu", 1).contract.task == task)
+            model = OnnxModel.load(path, name, version, settings.device, settings.ort_threads)
+            ceil = ceiling(model, images, settings, a.ceiling_seconds)
+            rows = sweep(url, endpoint, images, levels, a.requests, a.max_seconds)
+            naive = [load(naive_url, endpoint, images, int(r["concurrency"]), a.requests, a.max_seconds)
+                     for r in rows] if naive_url else []
+            results.append({"endpoint": endpoint, "model": f"{name}:{version}", "ceiling": ceil, "service": rows,
+                            "naive": naive})
+            print(f"\n/{endpoint} on {name}:{version}, {w}x{h} JPEG, ORT threads {settings.ort_threads}: "
+                  f"ceiling {ceil['pipeline_img_s']:.1f} img/s (decode+resize+ORT, batch {ceil['batch']}), "
+                  f"ORT alone {ceil['ort_only_img_s']:.1f} img/s")
+            print("| concurrency | service req/s | p50 ms | p99 ms | naive req/s | naive p50 ms | naive p99 ms "
+                  "| service / ceiling | service / naive |")
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for i, r in enumerate(rows):
+                n = naive[i] if naive else None
+                nv = (f"{n['req_s']:.1f} | {n['p50_ms']:.1f} | {n['p99_ms']:.1f}" if n else "- | - | -")
+                ratio = f"{r['req_s'] / n['req_s']:.2f}" if n and n["req_s"] else "-"
+                print(f"| {r['concurrency']} | {r['req_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {nv} | "
+                      f"{r['req_s'] / ceil['pipeline_img_s']:.2f} | {ratio} |")
+        if a.json_out:
+            a.json_out.write_text(json.dumps(results, indent=1))
+        print(json.dumps(results))
+    finally:
+        for proc in started:
+            proc.stop()
 
 
 if __name__ == "__main__":
