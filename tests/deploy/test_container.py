@@ -1,0 +1,131 @@
+"""The real container: build the Bento's image, run it, probe it; then the same via docker-compose.
+
+Needs a Docker engine: ../shared/tools/container-engine starts one here (and the base image a
+Bento's Dockerfile needs). Where none can be had the tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from tests.service.helpers import get, jpeg, post, scene
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE = ROOT.parent / "shared" / "tools" / "container-engine"
+IMAGE = "convserve:test"
+
+
+def _run(cmd: list[str], timeout: float = 1800, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def engine() -> None:
+    if not ENGINE.is_file():
+        pytest.skip(f"no container engine helper at {ENGINE}")
+    r = subprocess.run([str(ENGINE)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    if r.returncode != 0:
+        pytest.skip(f"no Docker engine could be started: {(r.stdout + r.stderr).strip().splitlines()[-1:]}")
+    os.environ["DOCKER_HOST"] = "unix:///var/run/docker.sock"
+
+
+@pytest.fixture(scope="module")
+def image(engine, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """bentoml build + bentoml containerize, in a private BENTOML_HOME."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    env = {"BENTOML_HOME": str(home), "DOCKER_BUILDKIT": "0", "BENTOML_DO_NOT_TRACK": "true"}
+    out = _run(["bentoml", "build", "--output", "tag"], env=env).stdout.strip().splitlines()[-1]
+    tag = out.removeprefix("__tag__:")
+    _run(["bentoml", "containerize", tag, "--backend", "docker", "-t", IMAGE], env=env)
+    return IMAGE
+
+
+def _wait_ready(url: str, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if get(url + "/readyz", timeout=3)[0] == 200:
+                return
+        except Exception:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} not ready after {timeout}s")
+
+
+def _probe(url: str) -> None:
+    """Each endpoint answers a real image correctly enough; errors are JSON 4xx."""
+    sc = scene(77, 320, 240)
+    data = jpeg(sc.image)
+    status, _, body = post(url + "/classify", {"image": ("a.jpg", data)})
+    assert status == 200 and body["labels"] and body["model"]["name"] == "shapes-classifier"
+    status, _, body = post(url + "/detect", {"image": ("a.jpg", data)})
+    assert status == 200 and body["detections"], body
+    status, _, body = post(url + "/segment", {"image": ("a.jpg", data)})
+    assert status == 200 and body["classes"] and "rle" in body["classes"][0]
+    status, _, body = post(url + "/classify", {"image": ("a.txt", b"not an image")})
+    assert status == 400 and body["error"]["type"] == "invalid_image"
+    status, _, body = get(url + "/models")
+    assert status == 200 and {m["task"] for m in body["models"]} == {"classification", "detection", "segmentation"}
+
+
+def test_image_runs_as_non_root_and_serves(image: str) -> None:
+    port = free_port()
+    name = f"convserve-test-{uuid.uuid4().hex[:8]}"
+    _run(["docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", "-e", "CONVSERVE_DEVICE=cpu", image])
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}")
+        _probe(f"http://127.0.0.1:{port}")
+        user = _run(["docker", "exec", name, "id", "-u"]).stdout.strip()
+        assert user != "0"
+        has_torch = _run(["docker", "exec", name, "python", "-c", "import importlib.util as u; print(u.find_spec('torch') is not None)"]).stdout.strip()
+        assert has_torch == "False"
+    finally:
+        logs = _run(["docker", "logs", name], check=False)
+        _run(["docker", "rm", "-f", name], check=False)
+    assert "Traceback" not in logs.stdout + logs.stderr
+
+
+def test_compose_up_healthy_and_serving(image: str, tmp_path: Path) -> None:
+    port = free_port()
+    project = f"cs{uuid.uuid4().hex[:8]}"
+    env = {"CONVSERVE_IMAGE": image, "CONVSERVE_PORT": str(port), "CONVSERVE_MODELS": str(ROOT / "models")}
+    base = ["docker-compose", "-p", project, "-f", str(ROOT / "docker-compose.yml")]
+    _run(base + ["up", "-d"], env=env)
+    try:
+        container = f"{project}_convserve_1"
+        deadline, health = time.time() + 240, ""
+        while time.time() < deadline:
+            health = _run(["docker", "inspect", "-f", "{{.State.Health.Status}}", container], check=False).stdout.strip()
+            if health == "healthy":
+                break
+            time.sleep(2)
+        assert health == "healthy", _run(["docker", "logs", container], check=False).stdout[-3000:]
+        _probe(f"http://127.0.0.1:{port}")
+        mounts = json.loads(_run(["docker", "inspect", "-f", "{{json .Mounts}}", container]).stdout)
+        assert any(m["Destination"] == "/models" and not m["RW"] for m in mounts)
+    finally:
+        _run(base + ["down", "-v", "--remove-orphans"], env=env, check=False)
+
+
+def test_compose_file_is_valid() -> None:
+    exe = shutil.which("docker-compose")
+    if not exe:
+        pytest.skip("docker-compose is not installed (../shared/tools/container-engine installs it)")
+    for profile in ([], ["--profile", "gpu"]):
+        r = _run([exe, *profile, "-f", str(ROOT / "docker-compose.yml"), "config"])
+        cfg = r.stdout
+        assert "healthcheck" in cfg and "/readyz" in cfg and "restart: unless-stopped" in cfg
+        if profile:
+            assert "driver: nvidia" in cfg and "convserve-gpu" in cfg
