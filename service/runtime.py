@@ -39,6 +39,7 @@ def create_session(path: Path | str, device: str = "auto", threads: int = 1) -> 
     """An InferenceSession on the providers ``device`` asks for; see the module docstring."""
     so = session_options(threads)
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
+        _preload_cuda_libraries()
         if device == "auto":
             ort.set_default_logger_severity(4)  # a failed CUDA load is expected here, not an error
         try:
@@ -55,6 +56,25 @@ def create_session(path: Path | str, device: str = "auto", threads: int = 1) -> 
     if device == "cuda":
         raise DeviceUnavailable("CONVSERVE_DEVICE=cuda but this onnxruntime build has no CUDAExecutionProvider")
     return ort.InferenceSession(str(path), so, providers=[CPU])
+
+
+_preloaded = False
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries pip installed (onnxruntime-gpu[cuda,cudnn]), once.
+
+    Without torch in the process nothing else puts them on the loader's path. Failure is
+    not an error here: the session creation that follows tells whether CUDA works.
+    """
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        log.info("could not preload CUDA libraries: %s", exc)
 
 
 def _io(args: list[Any]) -> list[tuple[str, str, list[Any]]]:

@@ -33,6 +33,20 @@ from service.schemas import ClassifyResponse, DetectResponse, SegmentResponse
 from service.settings import Settings
 
 log = logging.getLogger("convserve.service")
+
+
+def _setup_logging() -> None:
+    """BentoML configures its own loggers only; give ours a handler so start-up facts show."""
+    root = logging.getLogger("convserve")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+_setup_logging()
 SETTINGS = Settings.from_env()
 # Runs wherever this module is imported, including bentoml serve's main process, so a broken
 # repository stops the server before any worker starts (workers would be restarted forever).
@@ -59,8 +73,7 @@ class ConvServe:
         self.settings = SETTINGS
         self.repo = ModelRepository(SETTINGS, on_batch=observe_batch)
         self.repo.warm_up()
-        for info in self.repo.describe():
-            log.info("serving %s:%s (%s) on %s", info["name"], info["version"], info["task"], info["providers"])
+        log.info("ready: %d model(s) loaded and warmed up", sum(len(v) for v in self.repo.models.values()))
 
     def __is_ready__(self) -> bool:
         return self.repo.ready

@@ -34,6 +34,12 @@ def test_health_and_models(server) -> None:
         assert m["labels"] and m["input"]["height"] > 0
 
 
+def test_start_up_logs_the_providers_each_model_got(server) -> None:
+    text = server.log_text()
+    for name in ("shapes-classifier", "shapes-detector", "shapes-segmenter"):
+        assert re.search(rf"loaded {name}:1 \(\w+\) from \S+model.onnx on \['CPUExecutionProvider'\]", text), text[-2000:]
+
+
 def test_classify_right_class(server) -> None:
     rng = np.random.default_rng(123)
     correct = 0
