@@ -238,3 +238,21 @@ def test_explicit_cuda_without_gpu_fails_start_up(tmp_path: Path) -> None:
         return
     stop_server(srv.proc)
     pytest.skip("this machine has a usable CUDA device: cuda start-up succeeded")
+
+
+def test_overload_is_an_explicit_503_with_retry_after(tmp_path: Path) -> None:
+    """A one-image queue under 24 concurrent requests: some are shed at once, none hang."""
+    srv = start_server(Path(__file__).resolve().parents[2] / "models", tmp_path / "serve.log",
+                       env={"CONVSERVE_DEVICE": "cpu", "CONVSERVE_MAX_QUEUE": "1", "CONVSERVE_MAX_BATCH": "1"})
+    try:
+        data = jpeg(scene(9, 640, 480).image)
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(lambda _: post(srv.url + "/segment", {"image": ("o.jpg", data)}, timeout=60), range(24)))
+        shed = [(h, b) for s, h, b in results if s == 503]
+        assert shed and len(shed) < 24, [s for s, _, _ in results]
+        assert all(s in (200, 503) for s, _, _ in results)
+        for headers, body in shed:
+            assert body["error"]["type"] == "overloaded" and (headers.get("retry-after") or headers.get("Retry-After")) == "1"
+        _ok(srv)
+    finally:
+        stop_server(srv.proc)
