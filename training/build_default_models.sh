@@ -24,6 +24,9 @@ for stage in "${stages[@]}"; do
     segmenter)
       python -m training.train segmentation --train "$DATA/seg/train" --val "$DATA/seg/val" --out "$RUNS/shapes-segmenter" \
         --arch lraspp_mobilenet_v3_large --width-mult 0.5 --size 192 --epochs 10 --batch-size 16 --lr 3e-3
+      # the shipped segmenter then trained 6 epochs more (a second one-cycle schedule via --resume)
+      python -m training.train segmentation --train "$DATA/seg/train" --val "$DATA/seg/val" --out "$RUNS/shapes-segmenter" \
+        --arch lraspp_mobilenet_v3_large --width-mult 0.5 --size 192 --epochs 16 --batch-size 16 --lr 3e-3 --resume
       python -m export.onnx_export "$RUNS/shapes-segmenter/best.pt" --name shapes-segmenter --version 1 \
         --dataset "synthetic shapes (training.synthetic, seed 1)" --parity-data "$DATA/seg/val" ;;
     detector)
