@@ -30,7 +30,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-from PIL import Image
 
 from service.imaging import decode_image
 from service.preprocess import prepare

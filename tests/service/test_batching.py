@@ -3,7 +3,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pytest
 
 from service.batching import DynamicBatcher
 from service.errors import Overloaded
