@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from service.imaging import decode_image
+from service.onnx_meta import read_contract
 from service.preprocess import prepare
 from service.repository import discover
 from service.runtime import OnnxModel
@@ -221,8 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         found = discover(root)
         for endpoint in a.endpoints.split(","):
             task = TASK_OF[endpoint]
-            name, version, path = next((n, v, pth) for n, v, pth in found
-                                       if OnnxModel.load(pth, n, v, "cpu", 1).contract.task == task)
+            name, version, path = next((n, v, pth) for n, v, pth in found if read_contract(pth).task == task)
             model = OnnxModel.load(path, name, version, settings.device, settings.ort_threads)
             ceil = ceiling(model, images, settings, a.ceiling_seconds)
             rows = sweep(url, endpoint, images, levels, a.requests, a.max_seconds)
