@@ -36,10 +36,6 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
-    @property
-    def queued(self) -> int:
-        return len(self._pending)
-
     async def submit(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Queue one [H,W,3] image; returns that image's outputs (batch axis removed)."""
         if len(self._pending) >= self.max_queue:
@@ -92,6 +88,3 @@ class DynamicBatcher:
                 result: dict[str, Any] = {k: (v[i] if self.batch_axis_outputs else v) for k, v in outputs.items()}
                 result["__batch_size__"] = len(batch)
                 fut.set_result(result)
-
-    def stats(self) -> dict[str, Any]:
-        return {"queued": self.queued, "max_batch": self.max_batch, "max_queue": self.max_queue}

@@ -109,8 +109,6 @@ class ModelRepository:
                 model = OnnxModel.load(path, name, version, settings.device, settings.ort_threads)
             except ContractError as exc:
                 raise RepositoryError(f"{path}: invalid model contract: {exc}") from None
-            except RepositoryError:
-                raise
             except Exception as exc:
                 raise RepositoryError(f"{path}: cannot be loaded by ONNX Runtime: {exc}") from exc
             fixed = model.contract.batch.max_size

@@ -65,12 +65,3 @@ class Segment(BaseModel):
 class SegmentResponse(Envelope):
     classes: list[Segment]
     mask_png: str | None = Field(None, description="base64 class-index PNG (mask_format=png); pixel = label_id")
-
-
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
