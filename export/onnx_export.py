@@ -3,12 +3,13 @@
 Usage::
 
     python -m export.onnx_export runs/shapes-classifier/best.pt --name shapes-classifier \\
-        --version 1 --parity-data data/cls/val [--models-dir models]
+        --version 1 --parity-data data/cls/val [--models-dir models] [--fixed-batch N]
 
-The graph takes uint8 NHWC RGB with a dynamic batch axis (normalisation inside), carries
-the model contract (service/contract.py) in metadata_props under "convserve", passes
-onnx.checker, and must agree with PyTorch on real images from ``--parity-data`` (see
-export/parity.py for the tolerances); otherwise nothing is written and the command fails.
+The graph takes uint8 NHWC RGB (normalisation inside) with a dynamic batch axis, or a
+fixed one with ``--fixed-batch``; it carries the model contract (core/contract.py) in
+metadata_props under "convserve", passes onnx.checker, and must agree with PyTorch on real
+images from ``--parity-data`` (export/parity.py states the tolerances). Otherwise nothing
+is written and the command fails.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -26,18 +28,17 @@ import onnx
 import torch
 from torch import nn
 
+from core.contract import METADATA_KEY, ModelContract
+from core.errors import ContractError, DatasetError
+from core.onnx_contract import contract_of
 from export.parity import ParityError, check_parity
-from service.contract import METADATA_KEY, BatchSpec, InputSpec, ModelContract, OutputSpec
-from service.onnx_meta import contract_of
-from training.models import build_model
-from training.tv_detection import BUILDERS as TORCHVISION_DETECTORS
+from training.graph import INPUT_NAME, graph_contract
+from training.models import ConvNet, build_model
 
-INPUT_NAME = "images"
 OPSET = 17
-MAX_DETECTIONS = 100
 
 
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def load_checkpoint(path: Path) -> tuple[ConvNet, dict[str, Any], dict[str, Any]]:
     """(model in eval mode, training config, validation metrics) from a training checkpoint."""
     ck = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ck["config"]
@@ -46,55 +47,28 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], dict[str, An
     return model.eval(), cfg, ck.get("metrics", {})
 
 
-def export_module(model: nn.Module, task: str) -> tuple[nn.Module, list[str]]:
-    """The module that becomes the graph, and its output names."""
-    if task == "detection":
-        from training.centernet import CenterNetExport
-        from training.tv_detection import TorchvisionDetectorExport
-
-        wrapper = TorchvisionDetectorExport if getattr(model, "takes_uint8", False) else CenterNetExport
-        return wrapper(model).eval(), ["boxes", "scores", "labels"]
-    if task == "segmentation":
-        return model, ["masks"]
-    return model, ["logits"]
-
-
-def build_contract(cfg: dict[str, Any], metrics: dict[str, Any], dataset: str, checkpoint_sha256: str) -> ModelContract:
-    task, size = cfg["task"], cfg["size"]
-    if task == "classification":
-        outputs = OutputSpec(kind="logits", scores="logits")
-        inp = InputSpec(name=INPUT_NAME, height=size, width=size, resize="stretch")
-    elif task == "segmentation":
-        outputs = OutputSpec(kind="mask_logits", masks="masks")
-        inp = InputSpec(name=INPUT_NAME, height=size, width=size, resize="stretch")
-    else:
-        inp = InputSpec(name=INPUT_NAME, height=size, width=size, resize="letterbox", pad_value=114)
-        outputs = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels",
-                             max_detections=MAX_DETECTIONS, nms_in_graph=True)
-    labels = list(cfg["classes"])
-    batch = BatchSpec(dynamic=True)
-    if cfg["arch"] in TORCHVISION_DETECTORS:  # one image per call; label 0 is background
-        labels, batch = ["__background__", *labels], BatchSpec(dynamic=False, size=1)
-        outputs = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels", nms_in_graph=True)
-    provenance = {
+def provenance(cfg: dict[str, Any], metrics: dict[str, Any], dataset: str, checkpoint_sha256: str) -> dict[str, Any]:
+    """Where the model came from: architecture, data, training settings and validation metrics."""
+    return {
         "architecture": cfg["arch"], "width_mult": cfg.get("width_mult", 1.0), "dataset": dataset,
         "training": {k: cfg[k] for k in ("epochs", "batch_size", "lr", "seed", "train", "val") if k in cfg},
-        "metrics": {k: v for k, v in metrics.items() if k != "iou"} | ({"iou": metrics["iou"]} if "iou" in metrics else {}),
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "metrics": metrics, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "checkpoint_sha256": checkpoint_sha256, "torch": torch.__version__, "opset": OPSET,
     }
-    return ModelContract(task=task, labels=labels, input=inp, outputs=outputs, batch=batch, provenance=provenance)
 
 
-def to_onnx(module: nn.Module, size: int, output_names: list[str], path: Path, dynamic_batch: bool = True) -> None:
-    """TorchScript-based export (dynamo=False): the dynamo exporter fails inside torchvision's NMS."""
-    if dynamic_batch:
-        dummy = torch.full((2, size, size, 3), 114, dtype=torch.uint8)
-        axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in output_names}}
-    else:  # one image per call; the detection count is the dynamic axis
-        dummy = torch.full((1, size, size, 3), 114, dtype=torch.uint8)
-        axes = {n: {0: "detections"} for n in output_names}
-    torch.onnx.export(module, (dummy,), str(path), input_names=[INPUT_NAME], output_names=output_names,
+def to_onnx(module: nn.Module, model: ConvNet, contract: ModelContract, path: Path) -> None:
+    """TorchScript-based export (dynamo=False: the dynamo exporter fails inside torchvision's NMS)."""
+    names = contract.outputs.tensor_names()
+    i = contract.input
+    dummy = torch.full((contract.batch.size or 2, i.height, i.width, 3), 114, dtype=torch.uint8)
+    if contract.batch.dynamic:
+        axes: dict[str, dict[int, str]] | None = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in names}}
+    elif not model.batchable:  # one image per call, outputs without a batch axis: the detection count varies
+        axes = {n: {0: "detections"} for n in names}
+    else:
+        axes = None
+    torch.onnx.export(module, (dummy,), str(path), input_names=[INPUT_NAME], output_names=names,
                       dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
 
 
@@ -105,30 +79,34 @@ def attach_contract(path: Path, contract: ModelContract) -> onnx.ModelProto:
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, contract.to_json()
     model.producer_name = "convserve"
-
     contract_of(model)  # the document parses and agrees with the graph
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
 def export(checkpoint: Path, name: str, version: str, models_dir: Path, dataset: str,
-           parity_data: Path | None, parity_images: int = 16) -> tuple[Path, dict[str, Any]]:
-    """Export ``checkpoint`` to ``models_dir/name/version/model.onnx``; returns (path, parity report)."""
+           parity_data: Path | None, parity_images: int = 16, fixed_batch: int | None = None,
+           ) -> tuple[Path, dict[str, Any]]:
+    """Export ``checkpoint`` to ``models_dir/name/version/model.onnx``; returns (path, parity report).
+
+    Raises ParityError (PyTorch and ONNX Runtime disagree) or ContractError before anything
+    is written; the file appears at its final path in one rename.
+    """
     model, cfg, metrics = load_checkpoint(checkpoint)
     sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    contract = build_contract(cfg, metrics, dataset, sha)
-    module, output_names = export_module(model, cfg["task"])
+    contract = graph_contract(model, cfg["task"], cfg["classes"], cfg["size"], fixed_batch)
+    contract = contract.with_provenance(**provenance(cfg, metrics, dataset, sha))
+    out = models_dir / name / version / "model.onnx"
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
-        to_onnx(module, cfg["size"], output_names, raw, dynamic_batch=contract.batch.dynamic)
-        proto = attach_contract(raw, contract)
-        onnx.save(proto, str(raw))
-        report = check_parity(module, raw, contract, parity_data, parity_images) if parity_data else {"skipped": True}
-        final_contract = ModelContract(**{**contract.__dict__, "provenance": {**contract.provenance, "parity": report}})
-        proto = attach_contract(raw, final_contract)
-        out = models_dir / name / version / "model.onnx"
+        to_onnx(model.export_module().eval(), model, contract, raw)
+        onnx.save(attach_contract(raw, contract), str(raw))
+        report = check_parity(model, raw, contract, parity_data, parity_images) if parity_data else {"skipped": True}
+        final = attach_contract(raw, contract.with_provenance(parity=report))
         out.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(proto, str(out))
+        staged = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        onnx.save(final, str(staged))
+        os.replace(staged, out)
     return out, report
 
 
@@ -141,12 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", default="", help="free text for the contract's provenance")
     p.add_argument("--parity-data", type=Path, help="dataset directory with real images for the parity check")
     p.add_argument("--parity-images", type=int, default=16)
+    p.add_argument("--fixed-batch", type=int, help="export a graph that always takes this many images")
     a = p.parse_args(argv)
     try:
-        out, report = export(a.checkpoint, a.name, a.version, a.models_dir, a.dataset, a.parity_data, a.parity_images)
+        out, report = export(a.checkpoint, a.name, a.version, a.models_dir, a.dataset, a.parity_data,
+                             a.parity_images, a.fixed_batch)
     except ParityError as exc:
         print(f"parity check failed, nothing written: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (ContractError, DatasetError, ValueError) as exc:
+        print(f"export failed, nothing written: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps({"model": str(out), "bytes": out.stat().st_size, "parity": report}))
 
 

@@ -31,15 +31,13 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from service.imaging import decode_image
-from service.onnx_meta import read_contract
-from service.preprocess import prepare
-from service.repository import discover
-from service.runtime import OnnxModel
+from core.imaging import load_input
+from core.onnx_contract import read_contract
+from core.repository import discover
+from core.runtime import OnnxModel
+from core.tasks import BY_ENDPOINT
 from service.settings import Settings
 from training.synthetic import render_scene
-
-TASK_OF = {"classify": "classification", "detect": "detection", "segment": "segmentation"}
 
 
 def make_images(count: int, width: int, height: int, seed: int = 0) -> list[bytes]:
@@ -56,12 +54,10 @@ def make_images(count: int, width: int, height: int, seed: int = 0) -> list[byte
 
 def ceiling(model: OnnxModel, images: list[bytes], settings: Settings, seconds: float) -> dict[str, float]:
     """img/s of decode+resize+ORT in batches, and of ORT alone, in this process."""
-    c = model.contract.input
-    bs = settings.max_batch if model.contract.batch.dynamic else 1
+    bs = min(settings.max_batch, model.contract.batch.max_size or settings.max_batch)
 
     def prep(data: bytes) -> np.ndarray:
-        d = decode_image(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, draft_to=max(c.width, c.height))
-        return prepare(d.image, c.width, c.height, c.resize, c.pad_value, orig_size=(d.width, d.height))[0]
+        return load_input(data, model.contract.input, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)[1]
 
     prepared = np.stack([prep(d) for d in images[:bs]])
     model.run(prepared)
@@ -221,9 +217,10 @@ def main(argv: list[str] | None = None) -> None:
         results = []
         found = discover(root)
         for endpoint in a.endpoints.split(","):
-            task = TASK_OF[endpoint]
-            name, version, path = next((n, v, pth) for n, v, pth in found if read_contract(pth).task == task)
-            model = OnnxModel.load(path, name, version, settings.device, settings.ort_threads)
+            task = BY_ENDPOINT[endpoint].name
+            entry = next(e for e in found if read_contract(e.path).task == task)
+            name, version = entry.name, entry.version
+            model = OnnxModel.load(entry.path, name, version, settings.device, settings.ort_threads)
             ceil = ceiling(model, images, settings, a.ceiling_seconds)
             rows = sweep(url, endpoint, images, levels, a.requests, a.max_seconds)
             naive = [load(naive_url, endpoint, images, int(r["concurrency"]), a.requests, a.max_seconds)

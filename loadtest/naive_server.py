@@ -2,8 +2,9 @@
 
 No batching, plain ``Image.open(...).convert("RGB")`` (no draft decoding, no limits), a
 synchronous endpoint that FastAPI runs in its thread pool, one ONNX Runtime session per
-model with the same thread count as the service. Postprocessing reuses the service's own
-functions so both servers return the same kind of answer and only the serving path differs.
+model with the same thread count as the service. Results come from the same task functions
+(core.tasks, default options) so both servers return the same kind of answer and only the
+serving path differs.
 
     python -m loadtest.naive_server --port 3001 [--model-root models]
 """
@@ -14,50 +15,42 @@ import argparse
 import io
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-from service import postprocess
-from service.preprocess import prepare
-from service.repository import discover
-from service.runtime import OnnxModel
+from core.geometry import resize_to_input
+from core.repository import discover
+from core.runtime import OnnxModel
+from core.tasks import TASKS
 from service.settings import Settings
 
 
 def build_app(model_root: Path, threads: int) -> FastAPI:
     app = FastAPI(title="naive baseline")
     models: dict[str, OnnxModel] = {}
-    for name, version, path in discover(model_root):
-        m = OnnxModel.load(path, name, version, "auto", threads)
+    for entry in discover(model_root):
+        m = OnnxModel.load(entry.path, entry.name, entry.version, "auto", threads)
         models.setdefault(m.contract.task, m)
 
-    def run(task: str, data: bytes) -> tuple[OnnxModel, dict[str, np.ndarray], object]:
-        m = models[task]
-        c = m.contract.input
+    def run(task_name: str, data: bytes) -> dict:
+        m = models[task_name]
+        task = TASKS[task_name]
         img = Image.open(io.BytesIO(data)).convert("RGB")
-        arr, geo = prepare(img, c.width, c.height, c.resize, c.pad_value)
-        out = m.run(arr[None])
-        return m, {k: v[0] for k, v in out.items()}, geo
+        arr, geo = resize_to_input(img, m.contract.input)
+        out = m.infer(arr[None])[0]
+        return task.result(out, geo, m.contract, {o.name: o.default for o in task.options})
 
     @app.post("/classify")
     def classify(image: UploadFile = File(...)) -> dict:
-        m, out, _ = run("classification", image.file.read())
-        c = m.contract
-        return {"labels": postprocess.top_k(out[c.outputs.scores], c.outputs.kind, c.labels, 5)}
+        return run("classification", image.file.read())
 
     @app.post("/detect")
     def detect(image: UploadFile = File(...)) -> dict:
-        m, out, geo = run("detection", image.file.read())
-        o = m.contract.outputs
-        return {"detections": postprocess.detections(out[o.boxes], out[o.scores], out[o.labels], geo,
-                                                     m.contract.labels, 0.3, 100)}
+        return run("detection", image.file.read())
 
     @app.post("/segment")
     def segment(image: UploadFile = File(...)) -> dict:
-        m, out, geo = run("segmentation", image.file.read())
-        c = m.contract
-        return postprocess.segments(postprocess.class_map(out[c.outputs.masks], c.outputs.kind, geo), c.labels, "rle")
+        return run("segmentation", image.file.read())
 
     return app
 

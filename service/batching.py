@@ -3,41 +3,64 @@
 Requests put one preprocessed image each into the model's queue and await a future. A
 single loop per model takes everything queued (up to ``max_batch``), runs it in the
 inference thread, and resolves the futures. While a batch runs, new requests accumulate,
-so batch size grows with load by itself; when idle, a request waits at most ``max_wait_ms``
-for company. There is no latency prediction that cancels requests: the only refusal is a
-full queue, answered at once with 503 + Retry-After (explicit overload, never a hang).
+so batches grow with load by themselves; an idle request waits ``max_wait_ms`` for company
+(default 0: like Triton, only what is already queued is batched). Nothing predicts latency
+and cancels: the only refusal is a full queue, answered at once with 503 + Retry-After.
+
+Every accepted request is answered: if the model, the output split or anything else in a
+batch raises, each of its requests gets that exception (the service answers 500), and a
+failing ``on_batch`` callback (metrics) is logged, never passed on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import Executor
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from service.errors import Overloaded
 
-RunBatch = Callable[[np.ndarray], dict[str, np.ndarray]]
+log = logging.getLogger("convserve.batching")
+
+Outputs = dict[str, np.ndarray]
+RunBatch = Callable[[np.ndarray], list[Outputs]]  # uint8 [N, H, W, 3] -> one output dict per image
 OnBatch = Callable[[int, float], None]
+_Item = tuple[np.ndarray, "asyncio.Future[BatchResult]"]
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One request's outputs and the size of the batch they were computed in."""
+
+    outputs: Outputs
+    batch_size: int
 
 
 class DynamicBatcher:
-    """Collects single images into batches for ``run_batch`` (uint8 [N,H,W,3] -> outputs)."""
+    """Collects single images into batches for ``run_batch``."""
 
     def __init__(self, run_batch: RunBatch, executor: Executor, max_batch: int, max_wait_ms: float,
-                 max_queue: int, batch_axis_outputs: bool = True, on_batch: OnBatch | None = None) -> None:
+                 max_queue: int, on_batch: OnBatch | None = None) -> None:
         self.run_batch, self.executor = run_batch, executor
         self.max_batch, self.max_wait = max(1, max_batch), max_wait_ms / 1000.0
-        self.max_queue, self.batch_axis_outputs = max_queue, batch_axis_outputs
+        self.max_queue = max_queue
         self.on_batch = on_batch
-        self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
+        self._pending: list[_Item] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
-    async def submit(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Queue one [H,W,3] image; returns that image's outputs (batch axis removed)."""
+    @property
+    def queued(self) -> int:
+        """Images waiting for a batch (not counting the batch running now)."""
+        return len(self._pending)
+
+    async def submit(self, image: np.ndarray) -> BatchResult:
+        """Queue one [H, W, 3] image; returns that image's outputs."""
         if len(self._pending) >= self.max_queue:
             raise Overloaded(f"the model's queue is full ({self.max_queue} images waiting); retry shortly",
                              headers={"Retry-After": "1"})
@@ -45,7 +68,7 @@ class DynamicBatcher:
         if self._task is None or self._task.done():
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._loop())
-        fut: asyncio.Future = loop.create_future()
+        fut: asyncio.Future[BatchResult] = loop.create_future()
         self._pending.append((image, fut))
         assert self._wakeup is not None
         self._wakeup.set()
@@ -57,9 +80,7 @@ class DynamicBatcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if not self._pending:
-                continue
-            if len(self._pending) < self.max_batch and self.max_wait > 0:
+            if self.max_wait > 0 and 0 < len(self._pending) < self.max_batch:
                 deadline = loop.time() + self.max_wait
                 while len(self._pending) < self.max_batch and loop.time() < deadline:
                     await asyncio.sleep(min(0.0005, max(deadline - loop.time(), 0)))
@@ -69,22 +90,28 @@ class DynamicBatcher:
                 if batch:
                     await self._run(batch)
 
-    async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future]]) -> None:
+    async def _run(self, batch: list[_Item]) -> None:
+        """Run one batch and resolve every future in it, whatever happens."""
         loop = asyncio.get_running_loop()
-        start = time.perf_counter()
         try:
+            start = time.perf_counter()
             stacked = np.stack([x for x, _ in batch])
             outputs = await loop.run_in_executor(self.executor, self.run_batch, stacked)
-        except Exception as exc:  # the model failed: every caller in the batch hears it
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"the model returned {len(outputs)} results for a batch of {len(batch)}")
+            elapsed = time.perf_counter() - start
+            for (_, fut), out in zip(batch, outputs):
+                if not fut.done():
+                    fut.set_result(BatchResult(out, len(batch)))
+        except BaseException as exc:  # the model or the split failed: every caller in the batch hears it
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(exc)
+                    fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError("inference cancelled"))
+            if not isinstance(exc, Exception):
+                raise
             return
-        elapsed = time.perf_counter() - start
         if self.on_batch:
-            self.on_batch(len(batch), elapsed)
-        for i, (_, fut) in enumerate(batch):
-            if not fut.done():
-                result: dict[str, Any] = {k: (v[i] if self.batch_axis_outputs else v) for k, v in outputs.items()}
-                result["__batch_size__"] = len(batch)
-                fut.set_result(result)
+            try:
+                self.on_batch(len(batch), elapsed)
+            except Exception:
+                log.exception("on_batch callback failed (the batch itself was answered)")

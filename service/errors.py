@@ -1,7 +1,9 @@
-"""Client-facing errors and the one JSON shape they take.
+"""Errors as HTTP: the one place domain errors become status codes, in one JSON shape.
 
-Every error the service returns is ``{"error": {"type": ..., "message": ...}}`` with the
-status below. Anything a client can fix is a 4xx; load shedding is a 503 with Retry-After.
+Every error the service returns is ``{"error": {"type": ..., "message": ...}}``. Anything a
+client can fix is a 4xx; load shedding is a 503 with Retry-After. core raises domain errors
+(core.errors); :func:`error_response` maps them here, and ServiceError subclasses cover
+what only the HTTP layer knows about (a full queue, a malformed request).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from core.errors import ImageTooLarge, InvalidImage, InvalidOption, ModelNotFound, WrongTask
+
 
 class ServiceError(Exception):
-    """Base class: subclasses fix the HTTP status and the error type string."""
+    """An error only the HTTP layer knows; subclasses fix the status and the type string."""
 
     status = 400
     type = "bad_request"
@@ -23,28 +27,19 @@ class ServiceError(Exception):
         self.message = message
         self.headers = headers or {}
 
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.type, self.message, self.headers)
-
-
-class InvalidImage(ServiceError):
-    status, type = 400, "invalid_image"
-
-
-class ImageTooLarge(ServiceError):
-    status, type = 413, "image_too_large"
-
-
-class InvalidParameter(ServiceError):
-    status, type = 422, "invalid_parameter"
-
-
-class UnknownModel(ServiceError):
-    status, type = 404, "unknown_model"
-
 
 class Overloaded(ServiceError):
     status, type = 503, "overloaded"
+
+
+# Domain error -> (status, type). Anything else reaching a handler is a 500 "internal".
+STATUS_OF: dict[type[Exception], tuple[int, str]] = {
+    InvalidImage: (400, "invalid_image"),
+    ImageTooLarge: (413, "image_too_large"),
+    InvalidOption: (422, "invalid_parameter"),
+    WrongTask: (422, "invalid_parameter"),
+    ModelNotFound: (404, "unknown_model"),
+}
 
 
 def error_body(type_: str, message: str, detail: Any = None) -> dict[str, Any]:
@@ -56,6 +51,16 @@ def error_body(type_: str, message: str, detail: Any = None) -> dict[str, Any]:
 
 def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+
+
+def client_error(exc: Exception) -> JSONResponse | None:
+    """The JSON response for an error the client caused (or load shedding); None for anything else."""
+    if isinstance(exc, ServiceError):
+        return error_response(exc.status, exc.type, exc.message, exc.headers)
+    for cls, (status, type_) in STATUS_OF.items():
+        if isinstance(exc, cls):
+            return error_response(status, type_, str(exc))
+    return None
 
 
 _TYPE_BY_STATUS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",

@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import ConfigError
+
 DEFAULT_MODEL_ROOT = Path(__file__).resolve().parent.parent / "models"
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -30,9 +32,9 @@ def _int(name: str, default: int, minimum: int = 0) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not an integer") from None
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
     if value < minimum:
-        raise SystemExit(f"{name}={value} must be >= {minimum}")
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
     return value
 
 
@@ -66,9 +68,10 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> "Settings":
+        """Read every CONVSERVE_* variable; ConfigError naming the first invalid one."""
         device = os.environ.get("CONVSERVE_DEVICE", "auto").lower()
         if device not in DEVICES:
-            raise SystemExit(f"CONVSERVE_DEVICE={device!r} must be one of {DEVICES}")
+            raise ConfigError(f"CONVSERVE_DEVICE={device!r} must be one of {DEVICES}")
         workers = _int("CONVSERVE_WORKERS", 1, 1)
         return cls(
             model_root=Path(os.environ.get("CONVSERVE_MODEL_ROOT") or DEFAULT_MODEL_ROOT),

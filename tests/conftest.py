@@ -70,6 +70,23 @@ def tiny_repo(tiny_checkpoints: dict[str, Path], tiny_data: Path, tmp_path_facto
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_served_repo(tiny_repo: Path, tiny_checkpoints: dict[str, Path], tiny_data: Path,
+                     tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny models plus fixed-batch exports (size 1 and 3) of the classifier and segmenter."""
+    import shutil
+
+    from export.onnx_export import export
+
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(tiny_repo, root, dirs_exist_ok=True)
+    for task, sub in (("classification", "cls"), ("segmentation", "seg")):
+        for size in (1, 3):
+            export(tiny_checkpoints[task], f"tiny-{sub}-fixed{size}", "1", root, "tiny synthetic",
+                   tiny_data / sub / "val", 4, fixed_batch=size)
+    return root
+
+
 class Server:
     def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log
@@ -123,5 +140,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The real service on the shipped models/ (CPU)."""
     log = tmp_path_factory.mktemp("server") / "serve.log"
     srv = start_server(SHIPPED_MODELS, log, env={"CONVSERVE_DEVICE": "cpu"})
+    yield srv
+    stop_server(srv.proc)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_served_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The real service on the tiny models, dynamic and fixed-batch (CPU)."""
+    log = tmp_path_factory.mktemp("tiny-server") / "serve.log"
+    srv = start_server(tiny_served_repo, log, env={"CONVSERVE_DEVICE": "cpu"})
     yield srv
     stop_server(srv.proc)

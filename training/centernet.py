@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
+from core.contract import OutputSpec
+from training.models import ConvNet, Normalize
+
 
 def _conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -96,16 +99,37 @@ class CenterNet(nn.Module):
         return boxes, scores, labels
 
 
+class CenterNetDetector(ConvNet):
+    """A CenterNet behind the ConvNet interface: uint8 NHWC in; batchable export."""
+
+    output_spec = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels",
+                             max_detections=100, nms_in_graph=True)
+
+    def __init__(self, num_classes: int, backbone: str = "mobilenet_v3_small", width_mult: float = 1.0) -> None:
+        super().__init__()
+        self.normalize = Normalize()
+        self.core = CenterNet(num_classes, backbone, width_mult, max_detections=self.output_spec.max_detections or 100)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw maps (heatmap logits, log-size, offset) for uint8 images."""
+        return self.core(self.normalize(x))
+
+    def loss(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        return centernet_loss(self(images), targets, self.core.num_classes, self.core.stride)
+
+    def export_module(self) -> nn.Module:
+        return CenterNetExport(self)
+
+
 class CenterNetExport(nn.Module):
     """uint8 NHWC in, (boxes [N,K,4], scores [N,K], labels [N,K]) out: the exported graph."""
 
-    def __init__(self, wrapped: nn.Module) -> None:
+    def __init__(self, detector: CenterNetDetector) -> None:
         super().__init__()
-        self.wrapped = wrapped  # training.models.Normalized around a CenterNet
+        self.detector = detector
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        core: CenterNet = self.wrapped.core
-        return core.decode(*core(self.wrapped.normalize(x)))
+        return self.detector.core.decode(*self.detector(x))
 
 
 def build_targets(targets: list[dict[str, torch.Tensor]], num_classes: int, out_h: int, out_w: int,

@@ -1,55 +1,50 @@
-"""Loaders for the three on-disk formats, validated up front with errors that name files.
+"""torch Datasets over the on-disk formats that core.datasets reads and validates.
 
-- :class:`ImageFolderDataset`: ``<root>/<class>/<image>`` (torchvision ImageFolder layout).
-- :class:`CocoDetectionDataset`: ``<root>/annotations.json`` (COCO instances) + ``<root>/images/``.
-- :class:`SegmentationDataset`: ``<root>/images/<stem>.*`` + ``<root>/masks/<stem>.png``
-  (class index per pixel) + ``<root>/classes.txt`` (background first).
-
-Every item is already at the model's input size as uint8 HWC, prepared with
-:func:`service.preprocess.prepare` (the service's own resize), so training sees exactly what
-serving feeds. Normalisation happens inside the model (see training.models.Normalized).
+Every item is at the model's input size as uint8 HWC, loaded by core.imaging.load_input:
+the decode (EXIF orientation, alpha over white, 16-bit scaling, JPEG draft) and resize the
+service applies to requests, so training sees exactly what serving feeds. Normalisation
+happens inside the model (training.models.Normalize). Augmentation: horizontal flips.
 """
 
 from __future__ import annotations
 
-import json
+import random
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from service.preprocess import prepare
+from core.contract import InputSpec
+from core.datasets import CocoDetection, CocoImage, ImageFolder, SegmentationFolder
+from core.errors import DatasetError, ImageTooLarge, InvalidImage
+from core.imaging import load_input
+from core.tasks import TASKS
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-class DatasetError(ValueError):
-    """A dataset directory is malformed; the message names the offending file or folder."""
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+__all__ = ["DatasetError", "ImageFolderDataset", "SegmentationDataset", "CocoDetectionDataset",
+           "detection_collate", "input_spec", "seed_worker"]
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def input_spec(task: str, height: int, width: int) -> InputSpec:
+    """The model input a ``task`` model of this size takes (resize policy from core.tasks)."""
+    return InputSpec(name="images", height=height, width=width, resize=TASKS[task].default_resize)
+
+
+def _load(path: Path, spec: InputSpec):  # noqa: ANN202 - (decoded, array, geometry)
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as exc:
-        raise DatasetError(f"{path}: cannot decode image ({exc})") from None
+        return load_input(path, spec)
+    except (InvalidImage, ImageTooLarge) as exc:
+        raise DatasetError(f"{path}: {exc}") from None
 
 
-def _verify_images(paths: list[Path]) -> None:
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception as exc:
-            raise DatasetError(f"{p}: not a readable image ({exc})") from None
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed NumPy and random from torch's per-worker seed
+    (derived from the loader's generator, so reproducible). A module-level function, so it
+    also works under the ``spawn`` start method."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 class ImageFolderDataset(Dataset):
@@ -57,164 +52,65 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: Path | str, size: tuple[int, int], classes: list[str] | None = None,
                  augment: bool = False, verify: bool = True) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(f"{self.root}: dataset directory does not exist")
-        found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        if classes is None:
-            classes = found
-        missing = [c for c in classes if c not in found]
-        if missing:
-            raise DatasetError(f"{self.root}: missing class folder(s) {missing}")
-        if len(classes) < 2:
-            raise DatasetError(f"{self.root}: need at least two class folders, found {found}")
-        self.classes = list(classes)
-        self.samples: list[tuple[Path, int]] = []
-        for idx, name in enumerate(self.classes):
-            files = _image_files(self.root / name)
-            if not files:
-                raise DatasetError(f"{self.root / name}: class folder holds no images")
-            self.samples += [(f, idx) for f in files]
-        if verify:
-            _verify_images([p for p, _ in self.samples])
-        self.size, self.augment = size, augment
+        self.data = ImageFolder(root, classes, verify)
+        self.classes, self.samples = self.data.classes, self.data.samples
+        self.spec, self.augment = input_spec("classification", *size), augment
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[i]
-        arr, _ = prepare(_open_rgb(path), self.size[1], self.size[0], "stretch")
+        sample = self.samples[i]
+        _, arr, _ = _load(sample.image, self.spec)
         if self.augment and np.random.random() < 0.5:
             arr = arr[:, ::-1]
-        return torch.from_numpy(np.array(arr)), label
+        return torch.from_numpy(np.array(arr)), sample.target
 
 
 class SegmentationDataset(Dataset):
-    """Semantic segmentation: image/mask pairs matched by file stem."""
+    """Semantic segmentation: image/mask pairs; masks resized (nearest) with their images."""
 
     def __init__(self, root: Path | str, size: tuple[int, int], augment: bool = False, verify: bool = True) -> None:
-        self.root = Path(root)
-        for sub in ("images", "masks"):
-            if not (self.root / sub).is_dir():
-                raise DatasetError(f"{self.root / sub}: folder missing (expected images/ and masks/)")
-        classes_file = self.root / "classes.txt"
-        if not classes_file.is_file():
-            raise DatasetError(f"{classes_file}: missing (one class name a line, background first)")
-        self.classes = [ln.strip() for ln in classes_file.read_text().splitlines() if ln.strip()]
-        if len(self.classes) < 2:
-            raise DatasetError(f"{classes_file}: needs background plus at least one class")
-        images = _image_files(self.root / "images")
-        if not images:
-            raise DatasetError(f"{self.root / 'images'}: no images")
-        self.samples: list[tuple[Path, Path]] = []
-        for img in images:
-            mask = self.root / "masks" / f"{img.stem}.png"
-            if not mask.is_file():
-                raise DatasetError(f"{mask}: mask missing for {img}")
-            self.samples.append((img, mask))
-        if verify:
-            _verify_images(images)
-            for img, mask in self.samples:
-                self._load_mask(mask, Image.open(img).size)
-        self.size, self.augment = size, augment
-
-    def _load_mask(self, path: Path, image_size: tuple[int, int]) -> Image.Image:
-        try:
-            m = Image.open(path)
-            m.load()
-        except Exception as exc:
-            raise DatasetError(f"{path}: cannot decode mask ({exc})") from None
-        if m.mode not in ("L", "P", "I", "I;16"):
-            raise DatasetError(f"{path}: mask must be a single-channel class-index PNG, is mode {m.mode}")
-        if m.size != image_size:
-            raise DatasetError(f"{path}: mask size {m.size} differs from its image's {image_size}")
-        top = int(np.asarray(m).max())
-        if top >= len(self.classes):
-            raise DatasetError(f"{path}: class id {top} out of range (classes.txt lists {len(self.classes)})")
-        return m if m.mode in ("L", "P") else Image.fromarray(np.asarray(m).astype(np.uint8), "L")
+        self.data = SegmentationFolder(root, verify)
+        self.classes, self.samples = self.data.classes, self.data.samples
+        self.spec, self.augment = input_spec("segmentation", *size), augment
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img_path, mask_path = self.samples[i]
-        img = _open_rgb(img_path)
-        mask = self._load_mask(mask_path, img.size)
-        h, w = self.size
-        arr, _ = prepare(img, w, h, "stretch")
-        m = np.asarray(mask.resize((w, h), Image.NEAREST)).astype(np.int64)
+        sample = self.samples[i]
+        decoded, arr, _ = _load(sample.image, self.spec)
+        mask = self.data.load_mask(sample.target, (decoded.width, decoded.height))
+        m = np.asarray(Image.fromarray(mask, "L").resize((self.spec.width, self.spec.height), Image.NEAREST))
+        m = m.astype(np.int64)
         if self.augment and np.random.random() < 0.5:
             arr, m = arr[:, ::-1], m[:, ::-1]
         return torch.from_numpy(np.array(arr)), torch.from_numpy(np.array(m))
 
 
 class CocoDetectionDataset(Dataset):
-    """COCO instances: boxes [x, y, w, h] become xyxy in letterboxed model-input pixels.
+    """COCO instances: letterboxed images, boxes xyxy in model-input pixels, label indices."""
 
-    Category ids map to contiguous label indices in ascending id order (``self.classes``).
-    Crowd annotations are ignored for training.
-    """
-
-    def __init__(self, root: Path | str, size: tuple[int, int], augment: bool = False,
-                 annotations: str = "annotations.json", images: str = "images", verify: bool = True) -> None:
-        self.root = Path(root)
-        ann_path = self.root / annotations
-        if not ann_path.is_file():
-            raise DatasetError(f"{ann_path}: COCO annotations file missing")
-        try:
-            doc = json.loads(ann_path.read_text())
-        except ValueError as exc:
-            raise DatasetError(f"{ann_path}: not valid JSON ({exc})") from None
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(doc.get(key), list):
-                raise DatasetError(f"{ann_path}: missing '{key}' list")
-        cats = sorted(doc["categories"], key=lambda c: c["id"])
-        if not cats:
-            raise DatasetError(f"{ann_path}: no categories")
-        self.classes = [c["name"] for c in cats]
-        self.cat_to_label = {c["id"]: i for i, c in enumerate(cats)}
-        self.image_dir = self.root / images
-        self.images: list[dict[str, Any]] = doc["images"]
-        by_image: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in self.images}
-        for ann in doc["annotations"]:
-            if ann.get("image_id") not in by_image:
-                raise DatasetError(f"{ann_path}: annotation {ann.get('id')} refers to unknown image_id {ann.get('image_id')}")
-            if ann.get("category_id") not in self.cat_to_label:
-                raise DatasetError(f"{ann_path}: annotation {ann.get('id')} has unknown category_id {ann.get('category_id')}")
-            bbox = ann.get("bbox")
-            if not (isinstance(bbox, list) and len(bbox) == 4 and bbox[2] >= 0 and bbox[3] >= 0):
-                raise DatasetError(f"{ann_path}: annotation {ann.get('id')} has a malformed bbox {bbox}")
-            by_image[ann["image_id"]].append(ann)
-        self.annotations = by_image
-        paths = [self.image_dir / im["file_name"] for im in self.images]
-        for p in paths:
-            if not p.is_file():
-                raise DatasetError(f"{p}: image listed in {ann_path.name} is missing")
-        if verify:
-            _verify_images(paths)
-        self.size, self.augment = size, augment
+    def __init__(self, root: Path | str, size: tuple[int, int], augment: bool = False, verify: bool = True) -> None:
+        self.data = CocoDetection(root, verify)
+        self.classes, self.samples = self.data.classes, self.data.samples
+        self.spec, self.augment = input_spec("detection", *size), augment
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        info = self.images[i]
-        img = _open_rgb(self.image_dir / info["file_name"])
-        h, w = self.size
-        arr, geo = prepare(img, w, h, "letterbox")
-        anns = [a for a in self.annotations[info["id"]] if not a.get("iscrowd", 0)]
-        boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        boxes[:, [0, 2]] *= geo.scale_x
-        boxes[:, [1, 3]] *= geo.scale_y
-        labels = np.array([self.cat_to_label[a["category_id"]] for a in anns], np.int64)
+        sample = self.samples[i]
+        target: CocoImage = sample.target
+        _, arr, geometry = _load(sample.image, self.spec)
+        boxes = geometry.boxes_to_input(target.boxes)
         if self.augment and np.random.random() < 0.5:
             arr = arr[:, ::-1]
-            boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
+            boxes[:, [0, 2]] = self.spec.width - boxes[:, [2, 0]]
         return torch.from_numpy(np.array(arr)), {
-            "boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
-            "image_id": torch.tensor(info["id"]), "scale": torch.tensor([geo.scale_x, geo.scale_y])}
+            "boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(target.labels.copy()),
+            "image_id": torch.tensor(target.image_id)}
 
 
 def detection_collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:

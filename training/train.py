@@ -5,10 +5,14 @@ Usage (see README "Train on your own data")::
     python -m training.train classification --train data/cls/train --val data/cls/val \\
         --arch mobilenet_v3_small --size 128 --epochs 8 --out runs/classifier
 
-Writes ``<out>/last.pt`` every epoch and ``<out>/best.pt`` when the validation metric
-improves (top-1, mIoU or COCO mAP@.5). Checkpoints are plain dicts of tensors and
-JSON-like values: ``torch.load(path, weights_only=True)`` reads them. ``--resume`` continues
-from ``<out>/last.pt``. CPU or CUDA is chosen automatically unless ``--device`` says.
+Laid out like torchvision's references: :func:`train_one_epoch`, :func:`evaluate` and
+:func:`train`, which runs them and writes ``<out>/last.pt`` every epoch and
+``<out>/best.pt`` when the task's validation metric (core.tasks: top-1, mIoU or COCO
+mAP@.5) improves. Validation scores the module that export.onnx_export turns into the
+graph, with core.evaluation, so the metrics stored in a checkpoint are those
+``export.evaluate`` reports for its ONNX file. Checkpoints are plain dicts of tensors and
+JSON-like values (``torch.load(path, weights_only=True)`` reads them); ``--resume``
+continues from ``<out>/last.pt``.
 """
 
 from __future__ import annotations
@@ -24,18 +28,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from training.datasets import (CocoDetectionDataset, DatasetError, ImageFolderDataset, SegmentationDataset,
-                               detection_collate)
-from training.metrics import ClassificationMeter, ConfusionMatrix, coco_detection_metrics, load_coco
-from training.models import build_model
+from core.errors import DatasetError
+from core.evaluation import evaluate as evaluate_predictions
+from core.tasks import TASKS
+from training.datasets import CocoDetectionDataset, ImageFolderDataset, SegmentationDataset, detection_collate, seed_worker
+from training.graph import graph_contract, predictor
+from training.models import DEFAULT_ARCH, ConvNet, build_model
 
-DEFAULT_ARCH = {"classification": "mobilenet_v3_small", "segmentation": "lraspp_mobilenet_v3_large",
-                "detection": "centernet_mobilenet_v3_small"}
-PRIMARY_METRIC = {"classification": "top1", "segmentation": "miou", "detection": "map_50"}
+DATASETS: dict[str, type[Dataset]] = {"classification": ImageFolderDataset, "segmentation": SegmentationDataset,
+                                      "detection": CocoDetectionDataset}
+COLLATE = {"detection": detection_collate}
 
 
 @dataclass
@@ -65,39 +70,23 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when torch sees it, else CPU. ``cuda`` without CUDA is a ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch sees no CUDA device")
+        raise ValueError("--device cuda requested but torch sees no CUDA device")
     return torch.device(name)
 
 
 def make_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
+    """(train, val) datasets; the validation set must list the training set's classes."""
+    dataset = DATASETS[cfg.task]
     size = (cfg.size, cfg.size)
-    if cfg.task == "classification":
-        tr = ImageFolderDataset(cfg.train, size, augment=True)
-        return tr, ImageFolderDataset(cfg.val, size, classes=tr.classes)
-    if cfg.task == "segmentation":
-        tr = SegmentationDataset(cfg.train, size, augment=True)
-        va = SegmentationDataset(cfg.val, size)
-        if va.classes != tr.classes:
-            raise DatasetError(f"{cfg.val}/classes.txt lists {va.classes}, train lists {tr.classes}")
-        return tr, va
-    tr = CocoDetectionDataset(cfg.train, size, augment=True)
-    va = CocoDetectionDataset(cfg.val, size)
-    if va.classes != tr.classes:
-        raise DatasetError(f"{cfg.val}: categories {va.classes} differ from train's {tr.classes}")
-    return tr, va
-
-
-def compute_loss(task: str, model: torch.nn.Module, images: torch.Tensor, targets: Any, num_classes: int) -> torch.Tensor:
-    if task == "detection":
-        from training.centernet import centernet_loss
-
-        if getattr(model, "takes_uint8", False):  # torchvision detector: computes its own losses
-            return model(images, targets)
-        return centernet_loss(model.core(model.normalize(images)), targets, num_classes)
-    return F.cross_entropy(model(images), targets)
+    train_ds = dataset(cfg.train, size, augment=True)
+    val_ds = dataset(cfg.val, size)
+    if val_ds.classes != train_ds.classes:
+        raise DatasetError(f"{cfg.val}: classes {val_ds.classes} differ from the training set's {train_ds.classes}")
+    return train_ds, val_ds
 
 
 def to_device(targets: Any, device: torch.device) -> Any:
@@ -106,99 +95,83 @@ def to_device(targets: Any, device: torch.device) -> Any:
     return [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
-@torch.no_grad()
-def validate(task: str, model: torch.nn.Module, loader: DataLoader, classes: list[str], device: torch.device,
-             val_root: str) -> dict[str, Any]:
-    """Score the model on the validation loader; returns the task's metrics as a dict."""
-    model.eval()
-    if task == "classification":
-        meter = ClassificationMeter(len(classes))
-        for images, targets in loader:
-            meter.update(model(images.to(device)).float().cpu().numpy(), targets.numpy())
-        return meter.compute()
-    if task == "segmentation":
-        cm = ConfusionMatrix(len(classes))
-        for images, masks in loader:
-            cm.update(model(images.to(device)).argmax(1).cpu().numpy(), masks.numpy())
-        return cm.compute(classes)
-    from training.centernet import CenterNetExport
+def train_one_epoch(model: ConvNet, optimizer: torch.optim.Optimizer, scheduler: Any, loader: DataLoader,
+                    device: torch.device, epoch: str, step: int, total_steps: int) -> tuple[list[float], int]:
+    """One pass over ``loader`` (stopping at ``total_steps``); returns (losses, step)."""
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)
+    for images, targets in bar:
+        if step >= total_steps:
+            break
+        loss = model.loss(images.to(device), to_device(targets, device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    return losses, step
 
-    if getattr(model, "takes_uint8", False):
-        predict = model.predict
-    else:
-        decoder = CenterNetExport(model)
-        predict = lambda x: list(zip(*decoder(x)))  # noqa: E731
-    coco = load_coco(str(Path(val_root) / "annotations.json"))
-    label_to_cat = sorted(coco.getCatIds())
-    dets: list[dict[str, Any]] = []
-    for images, targets in loader:
-        for (boxes, scores, labels), t in zip(predict(images.to(device)), targets):
-            boxes, scores, labels = boxes.cpu().numpy(), scores.cpu().numpy(), labels.cpu().numpy()
-            keep = scores > 0.01
-            bx = boxes[keep].copy()
-            sx, sy = t["scale"].tolist()
-            bx[:, [0, 2]] /= sx
-            bx[:, [1, 3]] /= sy
-            for (x1, y1, x2, y2), s, lab in zip(bx, scores[keep], labels[keep]):
-                dets.append({"image_id": int(t["image_id"]), "category_id": label_to_cat[int(lab)],
-                             "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(s)})
-    return coco_detection_metrics(coco, dets)
+
+def evaluate(model: ConvNet, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The task's metrics on ``cfg.val``: core.evaluation over the module export writes."""
+    model.eval()
+    contract = graph_contract(model, cfg.task, cfg.classes, cfg.size)
+    return evaluate_predictions(predictor(model, contract, device), contract, cfg.val, cfg.batch_size)
+
+
+def restore(path: Path, model: ConvNet, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+    """Load a ``last.pt`` into ``model`` and ``optimizer``; returns the rest of the checkpoint
+    (epoch, step, best, history, scheduler state, config)."""
+    ck = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    return {k: v for k, v in ck.items() if k not in ("model", "optimizer")}
+
+
+def _one_cycle(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> Any:
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
 
 
 def train(cfg: TrainConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     """Run training; returns the best validation metrics. Checkpoints go to ``out``."""
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    train_ds, val_ds = make_datasets(cfg)
+    train_ds, _ = make_datasets(cfg)
     cfg.classes = list(train_ds.classes)
-    collate = detection_collate if cfg.task == "detection" else None
-    g = torch.Generator().manual_seed(cfg.seed)
-    train_dl = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers, collate_fn=collate,
-                          generator=g, drop_last=len(train_ds) > cfg.batch_size, persistent_workers=cfg.workers > 0,
-                          worker_init_fn=lambda w: np.random.seed(cfg.seed * 1000 + w + int(torch.initial_seed()) % 997))
-    val_dl = DataLoader(val_ds, cfg.batch_size, shuffle=False, num_workers=cfg.workers, collate_fn=collate)
+    train_dl = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                          collate_fn=COLLATE.get(cfg.task), generator=torch.Generator().manual_seed(cfg.seed),
+                          drop_last=len(train_ds) > cfg.batch_size, persistent_workers=cfg.workers > 0,
+                          worker_init_fn=seed_worker)
     model = build_model(cfg.task, cfg.arch, len(cfg.classes), cfg.width_mult, cfg.weights).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * len(train_dl)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.15)
+    sched = _one_cycle(opt, cfg.lr, total)
     start_epoch, step, best, history = 0, 0, -1.0, []
     out.mkdir(parents=True, exist_ok=True)
     if resume and (out / "last.pt").is_file():
-        ck = torch.load(out / "last.pt", map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        ck = restore(out / "last.pt", model, opt, device)
         if ck["scheduler"].get("total_steps") == sched.total_steps:
             sched.load_state_dict(ck["scheduler"])
         else:  # --epochs/--max-steps changed: a fresh one-cycle over the steps that remain
             for group in opt.param_groups:
                 group.pop("initial_lr", None)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total - ck["step"], 1),
-                                                        pct_start=0.15)
+            sched = _one_cycle(opt, cfg.lr, total - ck["step"])
             print("training length changed since the checkpoint: new learning-rate schedule for the rest")
         start_epoch, step, best, history = ck["epoch"] + 1, ck["step"], ck["best"], ck["history"]
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
-    metric_name = PRIMARY_METRIC[cfg.task]
+    metric = TASKS[cfg.task].metric
     best_metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        t0, losses = time.time(), []
-        bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
-        for images, targets in bar:
-            if step >= total:
-                break
-            loss = compute_loss(cfg.task, model, images.to(device), to_device(targets, device), len(cfg.classes))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        metrics = validate(cfg.task, model, val_dl, cfg.classes, device, cfg.val)
-        score = float(metrics[metric_name])
+        t0 = time.time()
+        losses, step = train_one_epoch(model, opt, sched, train_dl, device, f"{epoch + 1}/{cfg.epochs}", step, total)
+        metrics = evaluate(model, cfg, device)
+        score = float(metrics[metric])
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
                   "seconds": round(time.time() - t0, 1), **{k: v for k, v in metrics.items() if k != "iou"}}
         history.append(record)
@@ -219,7 +192,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train a CNN; see the module docstring.")
-    p.add_argument("task", choices=sorted(DEFAULT_ARCH))
+    p.add_argument("task", choices=sorted(TASKS))
     p.add_argument("--train", required=True, help="training dataset directory")
     p.add_argument("--val", required=True, help="validation dataset directory (same format)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
@@ -245,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
         best = train(cfg, a.out, resume=a.resume)
     except DatasetError as exc:
         print(f"dataset error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as exc:  # an unknown architecture, --device cuda without CUDA, ...
+        print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     print(json.dumps({"best": best, "checkpoint": str(a.out / "best.pt")}))
 

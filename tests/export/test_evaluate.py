@@ -1,11 +1,12 @@
+import logging
 
 import numpy as np
 import torch
 
+from core.metrics import ClassificationMeter
 from export.evaluate import evaluate
 from export.onnx_export import load_checkpoint
 from training.datasets import ImageFolderDataset
-from training.metrics import ClassificationMeter
 
 
 def test_evaluate_classifier_matches_pytorch_on_the_same_images(tiny_repo, tiny_checkpoints, tiny_data) -> None:
@@ -25,3 +26,16 @@ def test_evaluate_detector_and_segmenter_report_their_metrics(tiny_repo, tiny_da
     assert set(det) >= {"map", "map_50", "map_75"} and 0 <= det["map"] <= det["map_50"] <= 1
     seg = evaluate(tiny_repo / "tiny-seg" / "1" / "model.onnx", tiny_data / "seg" / "val")
     assert 0 <= seg["miou"] <= 1 and seg["iou"]["background"] is not None
+
+
+def test_evaluate_skips_files_that_are_not_images_with_a_warning(tiny_repo, tiny_data, tmp_path, caplog) -> None:
+    import shutil
+
+    root = shutil.copytree(tiny_data / "cls" / "val", tmp_path / "cls")
+    (root / "circle" / "README.txt").write_text("notes, not an image")
+    (root / "star" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with caplog.at_level(logging.WARNING):
+        got = evaluate(tiny_repo / "tiny-cls" / "1" / "model.onnx", root)
+    assert got["images"] == 15
+    text = caplog.text
+    assert "README.txt" in text and "broken.jpg" in text

@@ -8,10 +8,13 @@ import onnx
 import pytest
 import torch
 
-from export.onnx_export import export_module, load_checkpoint
+from core.contract import METADATA_KEY, ModelContract
+from core.errors import ContractError
+from core.runtime import OnnxModel
+from core.tasks import TASKS
+from export.evaluate import evaluate
+from export.onnx_export import export, load_checkpoint
 from export.parity import ParityError, check_parity, sample_batch
-from service.contract import METADATA_KEY, ModelContract
-from service.runtime import OnnxModel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,16 +37,32 @@ def test_exported_model_obeys_contract(tiny_repo: Path, name: str, task: str) ->
 
 @pytest.mark.parametrize("task,sub", [("classification", "cls"), ("segmentation", "seg"), ("detection", "det")])
 def test_parity_passes_and_detects_a_different_model(tiny_checkpoints, tiny_repo, tiny_data, task, sub) -> None:
-    module, _ = export_module(load_checkpoint(tiny_checkpoints[task])[0], task)
+    model = load_checkpoint(tiny_checkpoints[task])[0]
     path = tiny_repo / f"tiny-{sub}" / "1" / "model.onnx"
     contract = OnnxModel.load(path, "x", "1", "cpu", 1).contract
-    report = check_parity(module, path, contract, tiny_data / sub / "val", 4)
+    report = check_parity(model, path, contract, tiny_data / sub / "val", 4)
     assert report["images"] == 4
     with torch.no_grad():  # the same graph against a perturbed PyTorch model must fail
-        for p in module.parameters():
+        for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
     with pytest.raises(ParityError):
-        check_parity(module, path, contract, tiny_data / sub / "val", 4)
+        check_parity(model, path, contract, tiny_data / sub / "val", 4)
+
+
+@pytest.mark.parametrize("task,sub", [("classification", "cls"), ("segmentation", "seg"), ("detection", "det")])
+def test_provenance_metrics_are_what_export_evaluate_reports(tiny_checkpoints, tiny_repo, tiny_data, task, sub) -> None:
+    """Training validated the module that became the graph with core.evaluation; scoring the
+    ONNX file on the same validation set gives the same figures (to float32 rounding)."""
+    path = tiny_repo / f"tiny-{sub}" / "1" / "model.onnx"
+    recorded = OnnxModel.load(path, "x", "1", "cpu", 1).contract.provenance["metrics"]
+    assert recorded == torch.load(tiny_checkpoints[task], weights_only=True)["metrics"]
+    measured = evaluate(path, tiny_data / sub / "val")
+    assert measured["images"] == recorded["images"] == 8 if task != "classification" else 15
+    for key, value in recorded.items():
+        if isinstance(value, float):
+            assert measured[key] == pytest.approx(value, abs=1e-4), key
+    if task == "detection":
+        assert measured["detections"] == recorded["detections"]
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
@@ -59,6 +78,30 @@ def test_detector_batches_equal_single_images(tiny_repo: Path, tiny_data: Path, 
             np.testing.assert_allclose(together[k][i], alone[k][0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("task,sub,size", [("classification", "cls", 1), ("classification", "cls", 3),
+                                           ("segmentation", "seg", 1), ("segmentation", "seg", 3)])
+def test_fixed_batch_export_evaluates_like_the_dynamic_one(tiny_checkpoints, tiny_repo, tiny_data, tmp_path,
+                                                           task, sub, size) -> None:
+    path, report = export(tiny_checkpoints[task], f"fixed{size}", "1", tmp_path, "tiny", tiny_data / sub / "val", 4,
+                          fixed_batch=size)
+    model = OnnxModel.load(path, "f", "1", "cpu", 2)
+    c = model.contract
+    assert not c.batch.dynamic and c.batch.size == size and report["images"] == 4
+    inputs = model.session.get_inputs()
+    assert inputs[0].shape[0] == size
+    images = sample_batch(tiny_data / sub / "val", c, 5)
+    fixed = model.infer(images)  # 5 images through a graph of `size`: chunks, the last one padded
+    dynamic = OnnxModel.load(tiny_repo / f"tiny-{sub}" / "1" / "model.onnx", "d", "1", "cpu", 2).infer(images)
+    assert len(fixed) == len(dynamic) == 5
+    name = c.outputs.tensor_names()[0]
+    for a, b in zip(fixed, dynamic):
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-3)
+    metric = TASKS[task].metric
+    fixed_score = evaluate(path, tiny_data / sub / "val")[metric]
+    assert fixed_score == pytest.approx(evaluate(tiny_repo / f"tiny-{sub}" / "1" / "model.onnx", tiny_data / sub / "val")[metric],
+                                        abs=1e-3)
+
+
 def test_export_cli_and_evaluate_cli(tiny_checkpoints, tiny_data, tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "export.onnx_export", str(tiny_checkpoints["segmentation"]),
                         "--name", "seg", "--version", "7", "--models-dir", str(tmp_path), "--parity-data",
@@ -66,6 +109,7 @@ def test_export_cli_and_evaluate_cli(tiny_checkpoints, tiny_data, tmp_path) -> N
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["model"] == str(tmp_path / "seg" / "7" / "model.onnx") and out["parity"]["argmax_agreement"] >= 0.999
+    assert sorted(p.name for p in (tmp_path / "seg" / "7").iterdir()) == ["model.onnx"]  # no staging file left
     r = subprocess.run([sys.executable, "-m", "export.evaluate", out["model"], "--data", str(tiny_data / "seg" / "val")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
@@ -73,9 +117,14 @@ def test_export_cli_and_evaluate_cli(tiny_checkpoints, tiny_data, tmp_path) -> N
     assert 0.0 <= metrics["miou"] <= 1.0 and set(metrics["iou"]) == {"background", "circle", "square", "triangle", "hexagon", "star"}
 
 
+def test_evaluate_cli_names_a_wrong_dataset(tiny_repo, tiny_data) -> None:
+    r = subprocess.run([sys.executable, "-m", "export.evaluate", str(tiny_repo / "tiny-seg" / "1" / "model.onnx"),
+                        "--data", str(tiny_data / "cls" / "val")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(tiny_data / "cls" / "val" / "images") in r.stderr
+
+
 def test_torchvision_detector_trains_and_exports_as_a_batch_1_graph(tiny_data, tmp_path) -> None:
-    from export.evaluate import evaluate
-    from export.onnx_export import export
     from training.train import TrainConfig, train
 
     cfg = TrainConfig(task="detection", train=str(tiny_data / "det" / "train"), val=str(tiny_data / "det" / "val"),
@@ -91,5 +140,19 @@ def test_torchvision_detector_trains_and_exports_as_a_batch_1_graph(tiny_data, t
     assert out["boxes"].ndim == 2 and out["boxes"].shape[1] == 4 and out["scores"].shape == out["labels"].shape
     with pytest.raises(Exception):
         model.run(x)  # two images: the graph takes exactly one
+    per_image = model.infer(x)  # infer runs them one by one
+    assert len(per_image) == 2 and per_image[0]["boxes"].ndim == 2
     metrics = evaluate(path, tiny_data / "det" / "val")
     assert 0 <= metrics["map"] <= metrics["map_50"] <= 1
+
+
+def test_a_fixed_batch_cannot_be_asked_of_a_one_image_graph(tiny_data, tmp_path) -> None:
+    from training.graph import graph_contract
+    from training.models import build_model
+
+    model = build_model("detection", "ssdlite320_mobilenet_v3_large", 5)
+    with pytest.raises(ValueError, match="one image per call"):
+        graph_contract(model, "detection", ["a", "b", "c", "d", "e"], 160, fixed_batch=4)
+    assert graph_contract(model, "detection", list("abcde"), 160).batch.size == 1
+    with pytest.raises(ContractError):
+        graph_contract(build_model("classification", "mobilenet_v3_small", 2), "classification", ["a", "a"], 64)

@@ -3,28 +3,46 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
-from service.batching import DynamicBatcher
+from service.batching import BatchResult, DynamicBatcher
 from service.errors import Overloaded
 
 
-def _slow_double(batch: np.ndarray) -> dict[str, np.ndarray]:
+def _slow_double(batch: np.ndarray) -> list[dict[str, np.ndarray]]:
     time.sleep(0.05)
-    return {"y": batch.reshape(len(batch), -1).sum(1) * 2}
+    return [{"y": np.array(x.sum() * 2)} for x in batch]
+
+
+def _run(coro, timeout: float = 10):
+    """Run ``coro``; a hang fails the test instead of stalling the suite."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def test_concurrent_requests_are_batched_and_answered_in_order() -> None:
     sizes = []
-    b = DynamicBatcher(_slow_double, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=2, max_queue=100,
+    b = DynamicBatcher(_slow_double, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=0, max_queue=100,
                        on_batch=lambda n, s: sizes.append(n))
 
     async def main():
         return await asyncio.gather(*(b.submit(np.full((2, 2, 3), i, np.uint8)) for i in range(20)))
 
-    results = asyncio.run(main())
-    assert [int(r["y"]) for r in results] == [i * 12 * 2 for i in range(20)]
+    results = _run(main())
+    assert [int(r.outputs["y"]) for r in results] == [i * 12 * 2 for i in range(20)]
     assert sum(sizes) == 20 and max(sizes) > 1 and max(sizes) <= 8
-    assert all(r["__batch_size__"] >= 1 for r in results)
+    assert all(isinstance(r, BatchResult) and 1 <= r.batch_size <= 8 for r in results)
+
+
+def test_an_idle_request_does_not_wait_for_company() -> None:
+    b = DynamicBatcher(lambda x: [{"y": v} for v in x], ThreadPoolExecutor(1), max_batch=8, max_wait_ms=0, max_queue=10)
+
+    async def main():
+        t0 = time.perf_counter()
+        r = await b.submit(np.zeros((1, 1, 3), np.uint8))
+        return r, time.perf_counter() - t0
+
+    r, waited = _run(main())
+    assert r.batch_size == 1 and waited < 1.0
 
 
 def test_full_queue_answers_503_at_once() -> None:
@@ -34,10 +52,10 @@ def test_full_queue_answers_503_at_once() -> None:
         tasks = [asyncio.ensure_future(b.submit(np.zeros((1, 1, 3), np.uint8))) for _ in range(12)]
         return await asyncio.gather(*tasks, return_exceptions=True)
 
-    results = asyncio.run(main())
+    results = _run(main())
     rejected = [r for r in results if isinstance(r, Overloaded)]
     assert rejected and all(r.headers["Retry-After"] == "1" and r.status == 503 for r in rejected)
-    assert len(rejected) < 12
+    assert len(rejected) < 12 and all(isinstance(r, BatchResult) for r in results if r not in rejected)
 
 
 def test_model_failure_reaches_every_caller_and_batcher_survives() -> None:
@@ -47,7 +65,7 @@ def test_model_failure_reaches_every_caller_and_batcher_survives() -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return {"y": batch[:, 0, 0, 0]}
+        return [{"y": x[0, 0, 0]} for x in batch]
 
     b = DynamicBatcher(flaky, ThreadPoolExecutor(1), max_batch=4, max_wait_ms=5, max_queue=10)
 
@@ -56,6 +74,36 @@ def test_model_failure_reaches_every_caller_and_batcher_survives() -> None:
         second = await b.submit(np.full((1, 1, 3), 7, np.uint8))
         return first, second
 
-    first, second = asyncio.run(main())
+    first, second = _run(main())
     assert all(isinstance(r, RuntimeError) for r in first)
-    assert int(second["y"]) == 7
+    assert int(second.outputs["y"]) == 7
+
+
+@pytest.mark.parametrize("broken", ["too_few_results", "not_a_list"])
+def test_a_broken_output_split_is_an_error_for_every_caller_not_a_hang(broken) -> None:
+    def run(batch):
+        return [{"y": batch[0]}] if broken == "too_few_results" else {"y": batch}
+
+    b = DynamicBatcher(run, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=5, max_queue=10)
+
+    async def main():
+        return await asyncio.gather(*(b.submit(np.zeros((1, 1, 3), np.uint8)) for _ in range(3)), return_exceptions=True)
+
+    results = _run(main())
+    assert len(results) == 3 and all(isinstance(r, Exception) for r in results)
+
+
+def test_a_failing_callback_does_not_fail_or_hang_the_requests() -> None:
+    def on_batch(n, s):
+        raise ValueError("metrics backend down")
+
+    b = DynamicBatcher(lambda x: [{"y": v} for v in x], ThreadPoolExecutor(1), max_batch=4, max_wait_ms=0,
+                       max_queue=10, on_batch=on_batch)
+
+    async def main():
+        first = await asyncio.gather(*(b.submit(np.zeros((1, 1, 3), np.uint8)) for _ in range(3)))
+        second = await b.submit(np.ones((1, 1, 3), np.uint8))
+        return first, second
+
+    first, second = _run(main())
+    assert len(first) == 3 and int(second.outputs["y"][0, 0, 0]) == 1

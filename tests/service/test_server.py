@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.conftest import start_server, stop_server
 from tests.service.helpers import box_iou, get, jpeg, post, scene
-from tests.service.test_imaging import decompression_bomb_png
+from tests.core.test_imaging import decompression_bomb_png
 from training.synthetic import SHAPES, render_scene
 
 
@@ -103,10 +103,9 @@ def test_segment_masks_match_the_truth(server) -> None:
     is tests/models' job, on 100 fresh images)."""
     from pycocotools import mask as mask_utils
 
-    from service.imaging import decode_image
-    from service.postprocess import class_map
-    from service.preprocess import prepare
-    from service.runtime import OnnxModel
+    from core.imaging import load_input
+    from core.postprocess import class_map
+    from core.runtime import OnnxModel
 
     model = OnnxModel.load(Path(__file__).resolve().parents[2] / "models" / "shapes-segmenter" / "1" / "model.onnx",
                            "shapes-segmenter", "1", "cpu", 1)
@@ -122,8 +121,7 @@ def test_segment_masks_match_the_truth(server) -> None:
             m = mask_utils.decode({"size": cls["rle"]["size"], "counts": cls["rle"]["counts"].encode()}).astype(bool)
             assert m.shape == truth.shape and int(m.sum()) == cls["area"]
             pred[m] = cls["label_id"]
-        d = decode_image(data, max_bytes=10**8, max_pixels=10**8)
-        arr, geo = prepare(d.image, c.input.width, c.input.height, c.input.resize, c.input.pad_value)
+        _, arr, geo = load_input(data, c.input)
         expected = class_map(model.run(arr[None])[c.outputs.masks][0], c.outputs.kind, geo)
         np.testing.assert_array_equal(pred, expected)
         fg_inter += int(((pred > 0) & (truth > 0)).sum())
@@ -131,17 +129,49 @@ def test_segment_masks_match_the_truth(server) -> None:
     assert fg_inter / fg_union >= 0.80, fg_inter / fg_union  # the issue's mIoU bar
 
 
-def test_segment_polygon_and_png_formats(server) -> None:
+def test_segment_polygons_and_png_describe_the_rle_masks(server) -> None:
+    """The three mask formats of one request describe the same masks: polygons rasterised
+    back cover the RLE mask they came from, and the PNG holds the same class map."""
     import base64
     import io
 
-    sc = scene(3100, 256, 200)
-    _, _, poly = post(server.url + "/segment", {"image": ("s.jpg", jpeg(sc.image))}, {"mask_format": "polygon"})
-    assert poly["classes"] and all(c["polygons"] and len(c["polygons"][0]) >= 6 for c in poly["classes"])
-    _, _, png = post(server.url + "/segment", {"image": ("s.jpg", jpeg(sc.image))}, {"mask_format": "png"})
+    from pycocotools import mask as mask_utils
+
+    data = jpeg(scene(3100, 256, 200).image)
+    _, _, rle = post(server.url + "/segment", {"image": ("s.jpg", data)}, {"mask_format": "rle"})
+    _, _, poly = post(server.url + "/segment", {"image": ("s.jpg", data)}, {"mask_format": "polygon"})
+    _, _, png = post(server.url + "/segment", {"image": ("s.jpg", data)}, {"mask_format": "png"})
+    assert rle["classes"] and [c["label_id"] for c in rle["classes"]] == [c["label_id"] for c in poly["classes"]]
+    for r, p in zip(rle["classes"], poly["classes"]):
+        truth = mask_utils.decode({"size": r["rle"]["size"], "counts": r["rle"]["counts"].encode()}).astype(bool)
+        assert p["polygons"] and all(len(ring) >= 6 and len(ring) % 2 == 0 for ring in p["polygons"])
+        drawn = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(p["polygons"], 200, 256))).astype(bool)
+        iou = (drawn & truth).sum() / (drawn | truth).sum()
+        assert iou >= 0.85, (r["label"], iou)
+        assert p["area"] == r["area"] and p["bbox"] == r["bbox"]
     cmap = np.asarray(Image.open(io.BytesIO(base64.b64decode(png["mask_png"]))))
     assert cmap.shape == (200, 256)
+    for r in rle["classes"]:
+        truth = mask_utils.decode({"size": r["rle"]["size"], "counts": r["rle"]["counts"].encode()}).astype(bool)
+        assert np.array_equal(cmap == r["label_id"], truth)
     assert {int(v) for v in np.unique(cmap)} - {0} == {c["label_id"] for c in png["classes"]}
+
+
+def test_score_threshold_filters_and_keeps_the_rest_unchanged(server) -> None:
+    data = jpeg(scene(1002).image)
+    _, _, all_ = post(server.url + "/detect", {"image": ("d.jpg", data)}, {"score_threshold": "0.0", "max_detections": "100"})
+    _, _, high = post(server.url + "/detect", {"image": ("d.jpg", data)}, {"score_threshold": "0.5"})
+    assert len(all_["detections"]) == 100 and all(d["score"] >= 0.5 for d in high["detections"])
+    assert high["detections"] == [d for d in all_["detections"] if d["score"] >= 0.5]
+    assert 0 < len(high["detections"]) < 100
+
+
+def test_model_can_be_named_with_its_version(server) -> None:
+    data = jpeg(scene(7).image)
+    status, _, body = post(server.url + "/classify", {"image": ("g.jpg", data)}, {"model": "shapes-classifier:1"})
+    assert status == 200 and body["model"] == {"name": "shapes-classifier", "version": "1"}
+    _, _, default = post(server.url + "/classify", {"image": ("g.jpg", data)})
+    assert default["labels"] == body["labels"]
 
 
 @pytest.mark.parametrize("case", ["not_image", "truncated", "empty", "bomb", "unknown_model", "bad_version",

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from training.datasets import CocoDetectionDataset, DatasetError, ImageFolderDataset, SegmentationDataset
-from training.metrics import load_coco
+from core.metrics import load_coco
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -21,24 +21,24 @@ def test_imagefolder_round_trip(tiny_data: Path) -> None:
     assert ds.classes == sorted(p.name for p in (tiny_data / "cls" / "train").iterdir())
     img, label = ds[0]
     assert img.dtype == torch.uint8 and img.shape == (64, 64, 3)
-    assert ds.samples[0][0].parent.name == ds.classes[label]
+    assert ds.samples[0].image.parent.name == ds.classes[label]
 
 
-def test_coco_round_trip_boxes_map_back(tiny_data: Path) -> None:
+def test_coco_boxes_are_letterboxed_into_the_input(tiny_data: Path) -> None:
     root = tiny_data / "det" / "val"
     ds = CocoDetectionDataset(root, (128, 128))
     coco = load_coco(str(root / "annotations.json"))
     for i in range(len(ds)):
         img, t = ds[i]
         assert img.shape == (128, 128, 3)
+        info = coco.loadImgs(int(t["image_id"]))[0]
         anns = coco.loadAnns(coco.getAnnIds(imgIds=int(t["image_id"])))
         want = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
         want[:, 2:] += want[:, :2]
-        got = t["boxes"].numpy().copy()
-        sx, sy = t["scale"].tolist()
-        got[:, [0, 2]] /= sx
-        got[:, [1, 3]] /= sy
-        np.testing.assert_allclose(got, want, atol=1e-3)
+        s = min(128 / info["width"], 128 / info["height"])  # letterbox: one scale, content rounded to pixels
+        want[:, [0, 2]] *= round(info["width"] * s) / info["width"]
+        want[:, [1, 3]] *= round(info["height"] * s) / info["height"]
+        np.testing.assert_allclose(t["boxes"].numpy(), want, atol=1e-3)
         assert [ds.classes[k] for k in t["labels"]] == [coco.cats[a["category_id"]]["name"] for a in anns]
 
 
@@ -110,3 +110,24 @@ def test_train_cli_reports_dataset_errors_cleanly(tiny_data: Path, tmp_path: Pat
     assert r.returncode == 2
     assert f"dataset error: {bad}" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+
+def test_training_with_loader_workers_under_spawn(tiny_data: Path, tmp_path: Path) -> None:
+    """train()'s DataLoader workers start under the spawn start method (their init function
+    must pickle): one step with one worker, in a fresh interpreter set to spawn."""
+    import subprocess
+    import sys
+
+    code = f"""
+import multiprocessing as mp
+mp.set_start_method("spawn")
+from training.train import TrainConfig, train
+cfg = TrainConfig(task="classification", train={str(tiny_data / "cls" / "train")!r}, val={str(tiny_data / "cls" / "val")!r},
+                  arch="mobilenet_v3_small", size=32, width_mult=0.5, epochs=1, batch_size=8, workers=1, max_steps=1)
+print(sorted(train(cfg, __import__("pathlib").Path({str(tmp_path / "run")!r}))))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "'top1'" in r.stdout.splitlines()[-1]

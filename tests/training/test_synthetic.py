@@ -39,7 +39,7 @@ def test_imagefolder_layout(tmp_path: Path) -> None:
 def test_coco_file_is_valid_for_pycocotools(tmp_path: Path) -> None:
     from pycocotools import mask as mask_utils
 
-    from training.metrics import load_coco
+    from core.metrics import load_coco
 
     write_detection(tmp_path, 8, seed=0)
     coco = load_coco(str(tmp_path / "annotations.json"))

@@ -1,8 +1,8 @@
-"""Reading a model contract straight from an ONNX file (onnx protobuf, no session).
+"""Reading a model contract straight from an ONNX file (the onnx protobuf, no session).
 
-Used by the exporter after writing a file, and by the service's pre-flight check, which
-runs in ``bentoml serve``'s main process before any worker starts: a broken repository
-then stops the server at once with a message naming the file.
+Used by the exporter after writing a file, by the service's pre-flight check (a broken
+repository stops start-up with a message naming the file) and by tools that only need to
+know what a file is.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any, Iterable
 
 import onnx
 
-from service.contract import METADATA_KEY, ContractError, ModelContract, check_io
+from core.contract import METADATA_KEY, ModelContract, check_io
+from core.errors import InvalidModel
 
 
 def graph_io(values: Iterable[Any]) -> list[tuple[str, str, list[Any]]]:
@@ -36,9 +37,10 @@ def contract_of(model: onnx.ModelProto) -> ModelContract:
 
 
 def read_contract(path: Path) -> ModelContract:
-    """Load ``path`` (weights stay unparsed where external) and return its checked contract."""
+    """Load ``path`` (weights stay unparsed where external) and return its checked contract.
+    Raises InvalidModel (ContractError for the document)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ContractError(f"not a readable ONNX file ({exc.__class__.__name__}: {exc})") from None
+        raise InvalidModel(f"not a readable ONNX file ({exc.__class__.__name__}: {exc})") from None
     return contract_of(model)

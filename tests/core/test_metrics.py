@@ -1,6 +1,6 @@
 import numpy as np
 
-from training.metrics import ConfusionMatrix, coco_detection_metrics, load_coco, topk_correct
+from core.metrics import ConfusionMatrix, coco_detection_metrics, load_coco, topk_correct
 
 
 def test_topk() -> None:

@@ -1,8 +1,13 @@
-"""ONNX Runtime sessions: provider choice that tells the truth, and thread settings.
+"""ONNX Runtime sessions and the model they serve.
 
-``auto`` tries CUDA and keeps it only if the session really got CUDAExecutionProvider
-(onnxruntime-gpu on a machine without CUDA silently falls back to CPU); ``cuda`` fails
-loudly when CUDA cannot be had; ``cpu`` never tries.
+Provider choice tells the truth: ``auto`` tries CUDA and keeps it only if the session
+really got CUDAExecutionProvider (onnxruntime-gpu on a machine without CUDA silently falls
+back to CPU); ``cuda`` fails loudly when CUDA cannot be had; ``cpu`` never tries.
+
+:class:`OnnxModel` runs batches of uint8 images and hands back one output dict per image,
+whatever the graph's batch: dynamic graphs run the batch as it is, fixed-batch graphs run
+it in chunks of their size (the last one padded), and outputs without a batch axis (a fixed
+batch of 1 may leave it out) are split by core.tasks.
 """
 
 from __future__ import annotations
@@ -15,23 +20,25 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.contract import METADATA_KEY, ContractError, ModelContract, check_io
+from core.contract import METADATA_KEY, ModelContract, check_io
+from core.errors import DeviceUnavailable, InvalidModel
+from core.tasks import TASKS, Outputs
 
 log = logging.getLogger("convserve.runtime")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-class DeviceUnavailable(RuntimeError):
-    """An explicit ``cuda`` request could not be met."""
-
-
 def session_options(threads: int) -> ort.SessionOptions:
+    """``threads`` intra-op threads that sleep when idle instead of spinning (a spinning pool
+    keeps cores busy between runs and takes them from decoding and HTTP)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
 
 
@@ -93,8 +100,15 @@ class OnnxModel:
 
     @classmethod
     def load(cls, path: Path, name: str, version: str, device: str = "auto", threads: int = 1) -> "OnnxModel":
-        """Open ``path`` and validate its contract against the graph (ContractError if not)."""
-        session = create_session(path, device, threads)
+        """Open ``path`` and validate its contract against the graph.
+
+        Raises InvalidModel (ContractError for the contract) or DeviceUnavailable."""
+        try:
+            session = create_session(path, device, threads)
+        except DeviceUnavailable:
+            raise
+        except Exception as exc:  # ONNX Runtime's own errors: not ONNX, unsupported op, ...
+            raise InvalidModel(f"ONNX Runtime cannot load it: {exc}") from None
         meta = session.get_modelmeta().custom_metadata_map
         contract = ModelContract.from_json(meta.get(METADATA_KEY))
         check_io(contract, _io(session.get_inputs()), _io(session.get_outputs()))
@@ -108,11 +122,24 @@ class OnnxModel:
     def output_names(self) -> list[str]:
         return self.contract.outputs.tensor_names()
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Run a uint8 [N, H, W, 3] batch; returns the contract's outputs by name."""
+    def run(self, batch: np.ndarray) -> Outputs:
+        """Run one graph call on a uint8 [N, H, W, 3] batch; the contract's outputs by name."""
         names = self.output_names
         values = self.session.run(names, {self.contract.input.name: batch})
         return dict(zip(names, values))
 
-
-__all__ = ["OnnxModel", "create_session", "DeviceUnavailable", "ContractError"]
+    def infer(self, images: np.ndarray) -> list[Outputs]:
+        """Run any number of uint8 [H, W, 3] images; one output dict per image, in order."""
+        c = self.contract
+        task = TASKS[c.task]
+        size = c.batch.max_size
+        if size is None:
+            return task.split(self.run(images), len(images), c.outputs)
+        per_image: list[Outputs] = []
+        for start in range(0, len(images), size):
+            chunk = images[start:start + size]
+            n = len(chunk)
+            if n < size:  # a fixed-batch graph takes exactly `size` images: pad with zeros
+                chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
+            per_image += task.split(self.run(chunk), n, c.outputs)
+        return per_image

@@ -1,4 +1,5 @@
-"""Metrics on NumPy arrays, shared by training-time validation and ONNX evaluation.
+"""Metrics on NumPy arrays; core.evaluation uses them for training-time validation and
+for scoring an exported ONNX file alike.
 
 Classification: top-k accuracy. Segmentation: confusion-matrix IoU per class and mIoU (mean
 over all classes, background included, as torchvision's references do). Detection: COCO
@@ -63,9 +64,11 @@ class ConfusionMatrix:
         }
 
 
-def coco_detection_metrics(coco_gt: Any, detections: list[dict[str, Any]]) -> dict[str, float]:
+def coco_detection_metrics(coco_gt: Any, detections: list[dict[str, Any]],
+                           image_ids: list[int] | None = None) -> dict[str, float]:
     """COCO box mAP with pycocotools. ``detections``: dicts with image_id, category_id,
-    bbox [x, y, w, h] in original pixels, score. ``coco_gt``: a pycocotools COCO object."""
+    bbox [x, y, w, h] in original pixels, score. ``coco_gt``: a pycocotools COCO object.
+    ``image_ids``: score these images only (default: every image in ``coco_gt``)."""
     from pycocotools.cocoeval import COCOeval
 
     if not detections:
@@ -73,6 +76,8 @@ def coco_detection_metrics(coco_gt: Any, detections: list[dict[str, Any]]) -> di
     with contextlib.redirect_stdout(io.StringIO()):
         dt = coco_gt.loadRes(detections)
         ev = COCOeval(coco_gt, dt, "bbox")
+        if image_ids is not None:
+            ev.params.imgIds = sorted(image_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

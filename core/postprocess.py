@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.preprocess import Geometry, resize_class_map
+from core.geometry import Geometry, resize_class_map
 
 MASK_FORMATS = ("rle", "polygon", "png")
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, stable for large logits."""
     z = x - x.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
@@ -34,7 +35,8 @@ def top_k(scores: np.ndarray, kind: str, labels: list[str], k: int) -> list[dict
 
 def detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, geometry: Geometry,
                label_names: list[str], score_threshold: float, max_detections: int) -> list[dict[str, Any]]:
-    """Filter one image's padded detections by score, map boxes to original pixels."""
+    """One image's padded detections above ``score_threshold``, best first, at most
+    ``max_detections``, boxes mapped to original pixels and rounded to 0.01 px."""
     boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
     keep = np.flatnonzero(scores >= score_threshold)
     keep = keep[np.argsort(-scores[keep], kind="stable")][:max_detections]

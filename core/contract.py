@@ -1,0 +1,283 @@
+"""The model contract: the JSON document an ONNX file carries about itself.
+
+This module is the one place that parses and validates it. An exported model stores the
+document in ``metadata_props`` under the key ``convserve``; the service trusts nothing
+model-specific that is not in it. See README.md "The model contract" for the schema.
+
+Every field is type-checked against the dataclasses below and every error is a
+ContractError that names the field (``input.pad_value: expected an integer, got 'x'``).
+What a task's outputs must name and how they are shaped is declared in core.tasks.
+Pure Python; the graph's I/O is handed to :func:`check_io` by whoever opened the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from core.errors import ContractError
+
+METADATA_KEY = "convserve"
+SCHEMA_VERSION = 1
+RESIZE_POLICIES = ("stretch", "letterbox")
+MAX_SIDE = 16384  # larger model inputs are almost certainly a mistake
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The image tensor the graph takes: uint8 NHWC RGB of a fixed height and width."""
+
+    name: str
+    height: int
+    width: int
+    layout: str = "NHWC"
+    dtype: str = "uint8"
+    channels: int = 3
+    color: str = "RGB"
+    resize: str = "stretch"          # stretch | letterbox (keep aspect, pad bottom/right)
+    pad_value: int = 114             # letterbox fill, per channel
+    normalized_in_graph: bool = True  # uint8 -> float and mean/std happen inside the graph
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What the graph's outputs mean; which fields a task needs is in core.tasks.
+
+    classification: ``scores`` names [N, C] logits or probabilities (``kind``).
+    detection: ``boxes`` [N, K, 4] xyxy in model-input pixels, ``scores`` [N, K], ``labels``
+      [N, K] (indices into labels), padded to K with score-0 rows.
+    segmentation: ``masks`` names [N, C, H, W] mask_logits or an [N, H, W] class_map.
+    A graph with a fixed batch of 1 may leave the leading N axis out of its outputs.
+    """
+
+    kind: str
+    scores: str | None = None
+    boxes: str | None = None
+    labels: str | None = None
+    count: str | None = None
+    masks: str | None = None
+    boxes_format: str = "xyxy"
+    box_space: str = "input_pixels"
+    max_detections: int | None = None
+    nms_in_graph: bool | None = None
+
+    def tensor_names(self) -> list[str]:
+        """The graph outputs this spec names, in a fixed order."""
+        return [n for n in (self.boxes, self.scores, self.labels, self.count, self.masks) if n]
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """A dynamic batch axis, or a fixed batch ``size`` the graph always takes."""
+
+    dynamic: bool = True
+    size: int | None = None
+
+    @property
+    def max_size(self) -> int | None:
+        return None if self.dynamic else self.size
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    task: str
+    labels: list[str]
+    input: InputSpec
+    outputs: OutputSpec
+    batch: BatchSpec = field(default_factory=BatchSpec)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def with_provenance(self, **entries: Any) -> "ModelContract":
+        """A copy with ``entries`` added to the provenance."""
+        return dataclasses.replace(self, provenance={**self.provenance, **entries})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "ModelContract":
+        """Parse and validate a contract document; raises ContractError naming the field."""
+        if not text:
+            raise ContractError(f"no '{METADATA_KEY}' entry in the ONNX metadata_props")
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ContractError(f"contract is not valid JSON: {exc}") from None
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> "ModelContract":
+        """Build from a parsed document, checking every field's type, then validate."""
+        contract = _build(cls, doc, "")
+        contract.validate()
+        return contract
+
+    def validate(self) -> None:
+        """Check values and consistency (not against a graph: see check_io)."""
+        from core.tasks import TASKS
+
+        if self.schema_version != SCHEMA_VERSION:
+            raise ContractError(f"schema_version: unsupported version {self.schema_version} (this is {SCHEMA_VERSION})")
+        if self.task not in TASKS:
+            raise ContractError(f"task: must be one of {sorted(TASKS)}, got {self.task!r}")
+        if not self.labels:
+            raise ContractError("labels: must list at least one class name")
+        seen: set[str] = set()
+        for i, name in enumerate(self.labels):
+            if not name:
+                raise ContractError(f"labels[{i}]: empty class name")
+            if name in seen:
+                raise ContractError(f"labels[{i}]: duplicate class name {name!r}")
+            seen.add(name)
+        _validate_input(self.input)
+        TASKS[self.task].check_outputs(self.outputs)
+        b = self.batch
+        if b.dynamic and b.size is not None:
+            raise ContractError("batch.size: must be null when batch.dynamic is true")
+        if not b.dynamic and (b.size is None or b.size < 1):
+            raise ContractError("batch.size: a fixed batch (batch.dynamic false) needs a size >= 1")
+
+
+def _validate_input(i: InputSpec) -> None:
+    fixed = {"layout": "NHWC", "dtype": "uint8", "channels": 3, "color": "RGB"}
+    for name, want in fixed.items():
+        if getattr(i, name) != want:
+            raise ContractError(f"input.{name}: must be {want!r} (the service feeds uint8 NHWC RGB), "
+                                f"got {getattr(i, name)!r}")
+    if not i.name:
+        raise ContractError("input.name: empty")
+    for name in ("height", "width"):
+        if not 1 <= getattr(i, name) <= MAX_SIDE:
+            raise ContractError(f"input.{name}: must be in 1..{MAX_SIDE}, got {getattr(i, name)}")
+    if i.resize not in RESIZE_POLICIES:
+        raise ContractError(f"input.resize: must be one of {RESIZE_POLICIES}, got {i.resize!r}")
+    if not 0 <= i.pad_value <= 255:
+        raise ContractError(f"input.pad_value: must be in 0..255, got {i.pad_value}")
+    if not i.normalized_in_graph:
+        raise ContractError("input.normalized_in_graph: false is not supported: the service feeds raw uint8 "
+                            "pixels, so conversion to float and mean/std must be inside the graph "
+                            "(export.onnx_export puts them there)")
+
+
+# --- typed parsing -----------------------------------------------------------------------
+
+def _kind(value: Any) -> str:
+    """'a string 'ab'', 'an object', ...: what a wrong value is, for error messages."""
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+    if isinstance(value, (bool, int, float, str)):
+        text = repr(value)
+        kind += " " + (text if len(text) <= 40 else text[:37] + "...")
+    return kind
+
+
+def _path(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _build(cls: type, doc: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``doc``, checking each field against its type hint."""
+    if not isinstance(doc, dict):
+        raise ContractError(f"{where or 'contract'}: expected an object, got {_kind(doc)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(doc) - set(fields))
+    if unknown:
+        raise ContractError(f"{_path(where, unknown[0])}: unknown field (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in doc:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise ContractError(f"{_path(where, name)}: required field missing")
+            continue
+        kwargs[name] = _check(doc[name], hints[name], _path(where, name))
+    return cls(**kwargs)
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    """``value`` if it matches the type ``hint`` (str, int, float, bool, X | None, list[str],
+    dict[str, Any], nested dataclasses); ContractError naming ``where`` otherwise."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check(value, inner, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if hint is Any:
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ContractError(f"{where}: expected a list, got {_kind(value)}")
+        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ContractError(f"{where}: expected an object, got {_kind(value)}")
+        return dict(value)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a hint this parser was not written for
+        raise TypeError(f"contract field {where} has an unsupported type {hint!r}")
+    if not ok:
+        want = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[hint]
+        raise ContractError(f"{where}: expected {want}, got {_kind(value)}")
+    return value
+
+
+# --- the contract against a graph ---------------------------------------------------------
+
+IOSpec = tuple[str, str, list[Any]]  # (name, "tensor(<element type>)", shape: ints or symbolic names)
+
+
+def check_io(contract: ModelContract, inputs: Iterable[IOSpec], outputs: Iterable[IOSpec]) -> None:
+    """Check the contract against the graph's inputs and outputs (ContractError if they disagree).
+
+    Element types are ONNX Runtime style strings ("tensor(uint8)"); shape entries are ints
+    for fixed dimensions and strings or None for symbolic ones. Output ranks must be what the
+    task says one image's outputs have, plus the batch axis (which only a fixed batch of 1
+    may leave out).
+    """
+    from core.tasks import TASKS
+
+    inputs, outputs = list(inputs), list(outputs)
+    spec = contract.input
+    if len(inputs) != 1:
+        raise ContractError(f"input.name: the graph must take exactly one input, takes {[n for n, _, _ in inputs]}")
+    name, etype, shape = inputs[0]
+    if name != spec.name:
+        raise ContractError(f"input.name: the graph's input is named {name!r}, the contract says {spec.name!r}")
+    if etype != "tensor(uint8)":
+        raise ContractError(f"input.dtype: the graph's input {name!r} is {etype}, not uint8")
+    if len(shape) != 4 or list(shape[1:]) != [spec.height, spec.width, 3]:
+        raise ContractError(f"input: the graph's input shape {shape} is not [N, {spec.height}, {spec.width}, 3]")
+    n = shape[0]
+    if contract.batch.dynamic and isinstance(n, int):
+        raise ContractError(f"batch.dynamic: true, but the graph's batch axis is fixed at {n}")
+    if not contract.batch.dynamic and isinstance(n, int) and n != contract.batch.size:
+        raise ContractError(f"batch.size: the contract says {contract.batch.size}, the graph's batch axis is {n}")
+    ranks = {n: len(s) for n, _, s in outputs}
+    task = TASKS[contract.task]
+    for field_name, tensor in task.named_outputs(contract.outputs).items():
+        if tensor not in ranks:
+            raise ContractError(f"outputs.{field_name}: the graph has no output named {tensor!r} "
+                                f"(has {sorted(ranks)})")
+        image_rank = task.image_rank(field_name, contract.outputs.kind)
+        allowed = {image_rank + 1} | ({image_rank} if contract.batch.max_size == 1 else set())
+        if ranks[tensor] not in allowed:
+            raise ContractError(f"outputs.{field_name}: output {tensor!r} has rank {ranks[tensor]}; a "
+                                f"{contract.task} {field_name} output has rank {image_rank} per image, "
+                                f"plus the batch axis")

@@ -1,0 +1,59 @@
+"""Domain errors: what went wrong, in terms of images, models and data, never HTTP.
+
+service/errors.py maps each to a status code; command-line ``main()`` functions turn them
+into one-line messages and exit codes. Library code raises, it never exits.
+"""
+
+from __future__ import annotations
+
+
+class ConvserveError(Exception):
+    """Base of every error core raises on purpose."""
+
+
+class InvalidImage(ConvserveError):
+    """The bytes are not an image Pillow can decode (empty, unknown, truncated, corrupt)."""
+
+
+class ImageTooLarge(ConvserveError):
+    """The image is over the byte or pixel limit (checked before any pixel is decoded)."""
+
+
+class InvalidOption(ConvserveError, ValueError):
+    """A task option (top_k, score_threshold, ...) has the wrong type or is out of range."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class InvalidModel(ConvserveError):
+    """A file cannot be served: not a loadable ONNX graph, or an invalid contract."""
+
+
+class ContractError(InvalidModel, ValueError):
+    """A model's contract document is missing, malformed or disagrees with its graph."""
+
+
+class RepositoryError(ConvserveError):
+    """The model repository cannot be served; the message names the path."""
+
+
+class ModelNotFound(ConvserveError):
+    """No loaded model has the requested name or version."""
+
+
+class WrongTask(ConvserveError):
+    """The requested model exists but serves another task."""
+
+
+class DatasetError(ConvserveError, ValueError):
+    """A dataset directory is malformed; the message names the offending file or folder."""
+
+
+class DeviceUnavailable(ConvserveError, RuntimeError):
+    """An explicit CUDA request could not be met."""
+
+
+class ConfigError(ConvserveError, ValueError):
+    """A setting (environment variable) has an invalid value; the message names it."""

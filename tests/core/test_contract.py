@@ -1,0 +1,117 @@
+import json
+
+import pytest
+
+from core.contract import ModelContract, check_io
+from core.errors import ContractError
+
+
+def _doc(**over):
+    doc = {"task": "classification", "labels": ["a", "b"],
+           "input": {"name": "images", "height": 32, "width": 32},
+           "outputs": {"kind": "logits", "scores": "logits"}}
+    doc.update(over)
+    return doc
+
+
+def _input(**over):
+    return {"name": "images", "height": 32, "width": 32, **over}
+
+
+def test_round_trip() -> None:
+    c = ModelContract.from_dict(_doc(provenance={"metrics": {"top1": 0.5}}))
+    assert ModelContract.from_json(c.to_json()) == c
+    assert c.with_provenance(parity={"images": 4}).provenance == {"metrics": {"top1": 0.5}, "parity": {"images": 4}}
+
+
+@pytest.mark.parametrize("over,message", [
+    # wrong types: every one names its field
+    ({"input": _input(pad_value="x")}, "input.pad_value: expected an integer, got a string 'x'"),
+    ({"input": _input(height=32.0)}, "input.height: expected an integer, got a number 32.0"),
+    ({"input": _input(width=True)}, "input.width: expected an integer, got a boolean True"),
+    ({"input": _input(normalized_in_graph="yes")}, "input.normalized_in_graph: expected a boolean"),
+    ({"batch": {"dynamic": False, "size": "4"}}, "batch.size: expected an integer, got a string '4'"),
+    ({"batch": {"dynamic": "false", "size": 4}}, "batch.dynamic: expected a boolean"),
+    ({"labels": "ab"}, "labels: expected a list, got a string"),
+    ({"labels": ["a", 3]}, r"labels\[1\]: expected a string, got an integer 3"),
+    ({"outputs": {"kind": "logits", "scores": 7}}, "outputs.scores: expected a string"),
+    ({"outputs": {"kind": "logits", "scores": "x", "max_detections": "100"}}, "outputs.max_detections: expected an integer"),
+    ({"provenance": []}, "provenance: expected an object, got a list"),
+    ({"schema_version": "1"}, "schema_version: expected an integer"),
+    ({"task": None}, "task: expected a string, got null"),
+    ({"input": "images"}, "input: expected an object, got a string"),
+    # structure
+    ({"input": _input(bogus=1)}, "input.bogus: unknown field"),
+    ({"input": {"name": "images", "height": 32}}, "input.width: required field missing"),
+    ({"color": "RGB"}, "color: unknown field"),
+    # values
+    ({"task": "pose"}, "task: must be one of"),
+    ({"schema_version": 2}, "schema_version: unsupported version 2"),
+    ({"labels": []}, "labels: must list at least one class name"),
+    ({"labels": ["a", ""]}, r"labels\[1\]: empty class name"),
+    ({"labels": ["a", "b", "a"]}, r"labels\[2\]: duplicate class name 'a'"),
+    ({"input": _input(dtype="float32")}, "input.dtype: must be 'uint8'"),
+    ({"input": _input(layout="NCHW")}, "input.layout: must be 'NHWC'"),
+    ({"input": _input(channels=1)}, "input.channels: must be 3"),
+    ({"input": _input(height=0)}, r"input.height: must be in 1..16384, got 0"),
+    ({"input": _input(resize="crop")}, "input.resize: must be one of"),
+    ({"input": _input(pad_value=300)}, r"input.pad_value: must be in 0..255, got 300"),
+    ({"input": _input(normalized_in_graph=False)}, "input.normalized_in_graph: false is not supported"),
+    ({"outputs": {"kind": "logits"}}, "outputs.scores: required for classification"),
+    ({"outputs": {"kind": "boxes", "scores": "x"}}, "outputs.kind: a classification model's must be one of"),
+    ({"outputs": {"kind": "logits", "scores": "x", "masks": "m"}}, "outputs.masks: not an output of a classification model"),
+    ({"batch": {"dynamic": False}}, "batch.size: a fixed batch"),
+    ({"batch": {"dynamic": False, "size": 0}}, "batch.size: a fixed batch"),
+    ({"batch": {"dynamic": True, "size": 4}}, "batch.size: must be null when batch.dynamic is true"),
+])
+def test_every_wrong_field_is_named(over, message) -> None:
+    with pytest.raises(ContractError, match=f"^{message}"):
+        ModelContract.from_dict(_doc(**over))
+
+
+@pytest.mark.parametrize("task,outputs", [
+    ("detection", {"kind": "boxes", "boxes": "b", "scores": "s"}),
+    ("segmentation", {"kind": "class_map", "masks": "m", "scores": "s"}),
+    ("segmentation", {"kind": "logits", "masks": "m"}),
+])
+def test_task_output_rules(task, outputs) -> None:
+    with pytest.raises(ContractError, match="^outputs"):
+        ModelContract.from_dict(_doc(task=task, outputs=outputs))
+
+
+def test_missing_and_malformed() -> None:
+    with pytest.raises(ContractError, match="no 'convserve' entry"):
+        ModelContract.from_json(None)
+    with pytest.raises(ContractError, match="not valid JSON"):
+        ModelContract.from_json("{nope")
+    with pytest.raises(ContractError, match="^outputs: required field missing"):
+        ModelContract.from_json(json.dumps({"task": "classification", "labels": ["a"], "input": _input()}))
+    with pytest.raises(ContractError, match="^contract: expected an object, got a list"):
+        ModelContract.from_json("[1, 2]")
+
+
+def test_check_io() -> None:
+    c = ModelContract.from_dict(_doc())
+    check_io(c, [("images", "tensor(uint8)", ["batch", 32, 32, 3])], [("logits", "tensor(float)", ["batch", 2])])
+    with pytest.raises(ContractError, match="^input.dtype"):
+        check_io(c, [("images", "tensor(float)", ["batch", 32, 32, 3])], [("logits", "", ["n", 2])])
+    with pytest.raises(ContractError, match="is not \\[N, 32, 32, 3\\]"):
+        check_io(c, [("images", "tensor(uint8)", ["batch", 3, 32, 32])], [("logits", "", ["n", 2])])
+    with pytest.raises(ContractError, match="^input.name"):
+        check_io(c, [("pixels", "tensor(uint8)", ["batch", 32, 32, 3])], [("logits", "", ["n", 2])])
+    with pytest.raises(ContractError, match="^batch.dynamic: true, but the graph's batch axis is fixed at 1"):
+        check_io(c, [("images", "tensor(uint8)", [1, 32, 32, 3])], [("logits", "", [1, 2])])
+    with pytest.raises(ContractError, match="^outputs.scores: the graph has no output named 'logits'"):
+        check_io(c, [("images", "tensor(uint8)", ["n", 32, 32, 3])], [("probs", "", ["n", 2])])
+    with pytest.raises(ContractError, match="^outputs.scores: output 'logits' has rank 1"):
+        check_io(c, [("images", "tensor(uint8)", ["n", 32, 32, 3])], [("logits", "", [2])])
+
+
+def test_fixed_batch_against_the_graph() -> None:
+    fixed = lambda n: ModelContract.from_dict(_doc(batch={"dynamic": False, "size": n}))  # noqa: E731
+    check_io(fixed(4), [("images", "tensor(uint8)", [4, 32, 32, 3])], [("logits", "", [4, 2])])
+    check_io(fixed(1), [("images", "tensor(uint8)", [1, 32, 32, 3])], [("logits", "", [2])])  # no batch axis: ok at 1
+    with pytest.raises(ContractError, match="^batch.size: the contract says 4, the graph's batch axis is 2"):
+        check_io(fixed(4), [("images", "tensor(uint8)", [2, 32, 32, 3])], [("logits", "", [2, 2])])
+    with pytest.raises(ContractError, match="^outputs.scores: output 'logits' has rank 1"):
+        check_io(fixed(4), [("images", "tensor(uint8)", [4, 32, 32, 3])], [("logits", "", [2])])
