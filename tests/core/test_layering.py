@@ -1,0 +1,43 @@
+"""core/ is the torch-free, HTTP-free leaf; service/ never imports torch. Checked two ways:
+statically (every import statement, including those inside functions) and by importing."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FORBIDDEN = {
+    "core": {"torch", "torchvision", "bentoml", "starlette", "fastapi", "uvicorn", "httpx", "requests", "aiohttp",
+             "multipart", "service", "training", "export", "loadtest"},
+    "service": {"torch", "torchvision", "training", "export", "loadtest"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_forbidden_import_statements(package: str) -> None:
+    bad = {str(p.relative_to(ROOT)): sorted(_imports(p) & FORBIDDEN[package]) for p in (ROOT / package).rglob("*.py")}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_importing_every_module_loads_nothing_forbidden(package: str) -> None:
+    modules = [f"{package}." + ".".join(p.relative_to(ROOT / package).with_suffix("").parts)
+               for p in (ROOT / package).rglob("*.py") if p.name != "__init__.py"]
+    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(FORBIDDEN[package] - {package})!r})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"

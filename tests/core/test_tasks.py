@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from core.contract import ModelContract
+from core.errors import InvalidOption
+from core.geometry import Geometry
+from core.tasks import BY_ENDPOINT, TASKS
+
+
+def _contract(task: str, outputs: dict, labels=("bg", "a", "b"), batch=None) -> ModelContract:
+    doc = {"task": task, "labels": list(labels), "input": {"name": "images", "height": 8, "width": 8},
+           "outputs": outputs}
+    if batch:
+        doc["batch"] = batch
+    return ModelContract.from_dict(doc)
+
+
+def test_every_task_has_an_endpoint_a_metric_and_options() -> None:
+    assert set(BY_ENDPOINT) == {"classify", "detect", "segment"}
+    for name, task in TASKS.items():
+        assert BY_ENDPOINT[task.endpoint] is task and task.name == name
+        assert task.options[0].name == "model"
+        assert task.default_resize in ("stretch", "letterbox")
+
+
+@pytest.mark.parametrize("endpoint,raw,want", [
+    ("classify", {}, {"model": "", "top_k": 5}),
+    ("classify", {"top_k": " 3 ", "model": "m:2"}, {"model": "m:2", "top_k": 3}),
+    ("detect", {"score_threshold": "0", "max_detections": "1000"}, {"model": "", "score_threshold": 0.0, "max_detections": 1000}),
+    ("segment", {"mask_format": "polygon"}, {"model": "", "mask_format": "polygon"}),
+])
+def test_options_parse(endpoint, raw, want) -> None:
+    assert BY_ENDPOINT[endpoint].parse_options(raw) == want
+
+
+@pytest.mark.parametrize("endpoint,raw,message", [
+    ("classify", {"top_k": "0"}, "top_k: must be >= 1"),
+    ("classify", {"top_k": "1001"}, "top_k: must be <= 1000"),
+    ("classify", {"top_k": "2.5"}, "top_k: expected an integer"),
+    ("classify", {"top_k": ""}, "top_k: expected an integer"),
+    ("detect", {"score_threshold": "nan"}, "score_threshold: expected a finite number"),
+    ("detect", {"score_threshold": "1.5"}, "score_threshold: must be <= 1.0"),
+    ("segment", {"mask_format": "jpeg"}, "mask_format: must be one of rle, polygon, png"),
+    ("segment", {"top_k": "3"}, "top_k: unknown option for /segment"),
+])
+def test_bad_options_are_named(endpoint, raw, message) -> None:
+    with pytest.raises(InvalidOption, match=f"^{message}") as exc:
+        BY_ENDPOINT[endpoint].parse_options(raw)
+    assert exc.value.field == message.split(":")[0]
+
+
+def test_split_with_and_without_a_batch_axis() -> None:
+    task = TASKS["segmentation"]
+    c = _contract("segmentation", {"kind": "mask_logits", "masks": "m"})
+    batch = {"m": np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)}
+    per_image = task.split(batch, 2, c.outputs)
+    assert [p["m"].shape for p in per_image] == [(3, 4, 4), (3, 4, 4)]
+    assert np.array_equal(per_image[1]["m"], batch["m"][1])
+    alone = task.split({"m": batch["m"][0]}, 1, c.outputs)  # a fixed batch of 1 without the batch axis
+    assert np.array_equal(alone[0]["m"], batch["m"][0])
+    padded = task.split(batch, 1, c.outputs)  # a padded fixed batch: only the real images come back
+    assert len(padded) == 1 and np.array_equal(padded[0]["m"], batch["m"][0])
+    with pytest.raises(ValueError, match="rank 3 per image"):
+        task.split({"m": batch["m"][0]}, 2, c.outputs)
+
+
+def test_results_per_task() -> None:
+    geo = Geometry(16, 8, 0.5, 1.0, 8, 8)
+    cls = _contract("classification", {"kind": "logits", "scores": "s"})
+    labels = TASKS["classification"].result({"s": np.array([0.0, 2.0, 1.0])}, geo, cls, {"top_k": 2})["labels"]
+    assert [x["label"] for x in labels] == ["a", "b"] and labels[0]["score"] > labels[1]["score"]
+    det = _contract("detection", {"kind": "boxes", "boxes": "b", "scores": "s", "labels": "l"})
+    out = {"b": np.array([[1, 1, 3, 3], [0, 0, 8, 8]], np.float32), "s": np.array([0.9, 0.2], np.float32),
+           "l": np.array([2, 1])}
+    found = TASKS["detection"].result(out, geo, det, {"score_threshold": 0.3, "max_detections": 10})["detections"]
+    assert found == [{"box": [2.0, 1.0, 6.0, 3.0], "score": 0.9, "label": "b", "label_id": 2}]
+    seg = _contract("segmentation", {"kind": "class_map", "masks": "m"})
+    cmap = np.zeros((8, 8), np.int64)
+    cmap[2:4, 2:6] = 1
+    res = TASKS["segmentation"].result({"m": cmap}, geo, seg, {"mask_format": "rle"})
+    (only,) = res["classes"]
+    assert only["label"] == "a" and only["area"] == 2 * 8 and only["bbox"] == [4, 2, 12, 4]
