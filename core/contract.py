@@ -269,15 +269,18 @@ def check_io(contract: ModelContract, inputs: Iterable[IOSpec], outputs: Iterabl
         raise ContractError(f"batch.dynamic: true, but the graph's batch axis is fixed at {n}")
     if not contract.batch.dynamic and isinstance(n, int) and n != contract.batch.size:
         raise ContractError(f"batch.size: the contract says {contract.batch.size}, the graph's batch axis is {n}")
-    ranks = {n: len(s) for n, _, s in outputs}
+    shapes = {n: s for n, _, s in outputs}
     task = TASKS[contract.task]
     for field_name, tensor in task.named_outputs(contract.outputs).items():
-        if tensor not in ranks:
+        if tensor not in shapes:
             raise ContractError(f"outputs.{field_name}: the graph has no output named {tensor!r} "
-                                f"(has {sorted(ranks)})")
-        image_rank = task.image_rank(field_name, contract.outputs.kind)
+                                f"(has {sorted(shapes)})")
+        shape, image_rank = shapes[tensor], task.image_rank(field_name, contract.outputs.kind)
         allowed = {image_rank + 1} | ({image_rank} if contract.batch.max_size == 1 else set())
-        if ranks[tensor] not in allowed:
-            raise ContractError(f"outputs.{field_name}: output {tensor!r} has rank {ranks[tensor]}; a "
+        if len(shape) not in allowed:
+            raise ContractError(f"outputs.{field_name}: output {tensor!r} has rank {len(shape)}; a "
                                 f"{contract.task} {field_name} output has rank {image_rank} per image, "
                                 f"plus the batch axis")
+        if contract.batch.dynamic and isinstance(shape[0], int):
+            raise ContractError(f"outputs.{field_name}: output {tensor!r} has a fixed batch axis of {shape[0]}, "
+                                "but the contract says the batch is dynamic")

@@ -83,7 +83,8 @@ def load_image(source: bytes | Path | str, *, max_bytes: int | None = None, max_
     try:
         if draft_to and fmt == "JPEG" and min(w0, h0) >= 2 * draft_to:
             img.draft("RGB", (draft_to, draft_to))
-        img = ImageOps.exif_transpose(img)
+        if orientation != 1:  # exif_transpose copies the image even when there is nothing to do
+            img = ImageOps.exif_transpose(img)
         img = to_rgb(img)
         img.load()
     except _DECODE_ERRORS as exc:

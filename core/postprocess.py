@@ -15,8 +15,6 @@ from PIL import Image
 
 from core.geometry import Geometry, resize_class_map
 
-MASK_FORMATS = ("rle", "polygon", "png")
-
 
 def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over the last axis, stable for large logits."""
@@ -79,7 +77,8 @@ def encode_png(cmap: np.ndarray) -> str:
 
 
 def segments(cmap: np.ndarray, label_names: list[str], mask_format: str) -> dict[str, Any]:
-    """Per-class results for a class map at original size; label 0 is background (skipped)."""
+    """Per-class results for a class map at original size; label 0 is background (skipped).
+    ``mask_format`` is one of core.tasks.MASK_FORMATS."""
     counts = np.bincount(cmap.reshape(-1), minlength=len(label_names))
     classes = []
     for lab in np.flatnonzero(counts):

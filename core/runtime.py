@@ -42,9 +42,23 @@ def session_options(threads: int) -> ort.SessionOptions:
     return so
 
 
+def cuda_driver_present() -> bool:
+    """Whether an NVIDIA driver is loadable here. Without one, ``auto`` does not even try CUDA:
+    the attempt loads ONNX Runtime's CUDA provider library (about 185 MB resident) for nothing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
 def create_session(path: Path | str, device: str = "auto", threads: int = 1) -> ort.InferenceSession:
     """An InferenceSession on the providers ``device`` asks for; see the module docstring."""
     so = session_options(threads)
+    if device == "auto" and not cuda_driver_present():
+        return ort.InferenceSession(str(path), so, providers=[CPU])
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
         _preload_cuda_libraries()
         if device == "auto":

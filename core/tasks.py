@@ -5,6 +5,10 @@ tensors, and their rank for one image), how one image's outputs become a JSON-re
 result, the options a request may set, its HTTP endpoint, the metric that ranks
 checkpoints, how a dataset of that task is read and how predictions are scored. Everything
 else looks tasks up in :data:`TASKS` (or :data:`BY_ENDPOINT`) instead of testing names.
+
+The table itself is plain data: the modules that compute (NumPy, Pillow, pycocotools) are
+imported where a method needs them, so reading the table (the HTTP routes, the serving
+supervisor that loads them) costs no image or array stack.
 """
 
 from __future__ import annotations
@@ -15,18 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
-import numpy as np
-
-from core import postprocess
-from core.datasets import CocoDetection, CocoImage, ImageFolder, Sample, SegmentationFolder
 from core.errors import ContractError, DatasetError, InvalidOption
-from core.geometry import Geometry
-from core.metrics import ClassificationMeter, ConfusionMatrix, coco_detection_metrics
 
 if TYPE_CHECKING:
-    from core.contract import ModelContract, OutputSpec
+    import numpy as np
 
-Outputs = dict[str, np.ndarray]  # one image's (or one batch's) output tensors by graph output name
+    from core.contract import ModelContract, OutputSpec
+    from core.datasets import CocoDetection, ImageFolder, Sample, SegmentationFolder
+    from core.geometry import Geometry
+
+Outputs = dict[str, "np.ndarray"]  # one image's (or one batch's) output tensors by graph output name
+MASK_FORMATS = ("rle", "polygon", "png")  # segmentation answers: core.postprocess.segments
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class Task(ABC):
     image_ranks: Mapping[str, Mapping[str, int]]  # output field -> kind -> rank of one image's tensor
     optional: tuple[str, ...] = ()                 # output fields that may be left out
     options: tuple[Option, ...] = field(default=())
+    result_in_thread: bool = False  # the result costs milliseconds (masks): keep it off the event loop
 
     # --- what the outputs are ---------------------------------------------------------
 
@@ -176,10 +180,14 @@ class Task(ABC):
 class Classification(Task):
     def result(self, outputs: Outputs, geometry: Geometry, contract: "ModelContract",
                options: Mapping[str, Any]) -> dict[str, Any]:
+        from core import postprocess
+
         o = contract.outputs
         return {"labels": postprocess.top_k(outputs[o.scores], o.kind, contract.labels, options["top_k"])}
 
     def read_dataset(self, root: Path, verify: bool = True) -> ImageFolder:
+        from core.datasets import ImageFolder
+
         return ImageFolder(root, verify=verify)
 
     def scorer(self, contract: "ModelContract", dataset: ImageFolder) -> Scorer:
@@ -191,10 +199,14 @@ class Classification(Task):
 
 class _ClassificationScorer:
     def __init__(self, contract: "ModelContract", label_of_class: list[int]) -> None:
+        from core.metrics import ClassificationMeter
+
         self.tensor, self.label_of_class = contract.outputs.scores, label_of_class
         self.meter = ClassificationMeter(len(contract.labels))
 
     def add(self, sample: Sample, outputs: Outputs, geometry: Geometry) -> None:
+        import numpy as np
+
         self.meter.update(outputs[self.tensor][None], np.array([self.label_of_class[sample.target]]))
 
     def compute(self) -> dict[str, Any]:
@@ -213,12 +225,16 @@ EVAL_MAX_DETECTIONS = 100
 class Detection(Task):
     def result(self, outputs: Outputs, geometry: Geometry, contract: "ModelContract",
                options: Mapping[str, Any]) -> dict[str, Any]:
+        from core import postprocess
+
         o = contract.outputs
         return {"detections": postprocess.detections(outputs[o.boxes], outputs[o.scores], outputs[o.labels], geometry,
                                                      contract.labels, options["score_threshold"],
                                                      options["max_detections"])}
 
     def read_dataset(self, root: Path, verify: bool = True) -> CocoDetection:
+        from core.datasets import CocoDetection
+
         return CocoDetection(root, verify=verify)
 
     def scorer(self, contract: "ModelContract", dataset: CocoDetection) -> Scorer:
@@ -236,7 +252,7 @@ class _DetectionScorer:
         self.image_ids: list[int] = []
 
     def add(self, sample: Sample, outputs: Outputs, geometry: Geometry) -> None:
-        target: CocoImage = sample.target
+        target = sample.target  # a core.datasets.CocoImage
         self.image_ids.append(target.image_id)
         for d in self.task.result(outputs, geometry, self.contract, self.options)["detections"]:
             category = self.category_of.get(d["label"])
@@ -247,6 +263,8 @@ class _DetectionScorer:
                                     "bbox": [x1, y1, x2 - x1, y2 - y1], "score": d["score"]})
 
     def compute(self) -> dict[str, Any]:
+        from core.metrics import coco_detection_metrics
+
         return coco_detection_metrics(self.dataset.coco, self.detections, self.image_ids)
 
 
@@ -256,11 +274,15 @@ class _DetectionScorer:
 class Segmentation(Task):
     def result(self, outputs: Outputs, geometry: Geometry, contract: "ModelContract",
                options: Mapping[str, Any]) -> dict[str, Any]:
+        from core import postprocess
+
         o = contract.outputs
         return postprocess.segments(postprocess.class_map(outputs[o.masks], o.kind, geometry), contract.labels,
                                     options["mask_format"])
 
     def read_dataset(self, root: Path, verify: bool = True) -> SegmentationFolder:
+        from core.datasets import SegmentationFolder
+
         return SegmentationFolder(root, verify=verify)
 
     def scorer(self, contract: "ModelContract", dataset: SegmentationFolder) -> Scorer:
@@ -273,10 +295,14 @@ class _SegmentationScorer:
     """Confusion-matrix IoU of class maps at the original image size."""
 
     def __init__(self, contract: "ModelContract", dataset: SegmentationFolder) -> None:
+        from core.metrics import ConfusionMatrix
+
         self.contract, self.dataset = contract, dataset
         self.matrix = ConfusionMatrix(len(contract.labels))
 
     def add(self, sample: Sample, outputs: Outputs, geometry: Geometry) -> None:
+        from core import postprocess
+
         o = self.contract.outputs
         cmap = postprocess.class_map(outputs[o.masks], o.kind, geometry)
         truth = self.dataset.load_mask(sample.target, (geometry.orig_width, geometry.orig_height))
@@ -308,7 +334,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
         name="segmentation", endpoint="segment", result_key="classes", metric="miou", default_resize="stretch",
         summary="Per-class masks at original image size, with pixel areas and bounding boxes.",
         kinds=("mask_logits", "class_map"), image_ranks={"masks": {"mask_logits": 3, "class_map": 2}},
+        result_in_thread=True,
         options=(_MODEL, Option("mask_format", str, "rle", "rle: COCO RLE per class; polygon: COCO polygons; "
-                                "png: one base64 class-index PNG", choices=postprocess.MASK_FORMATS))),
+                                "png: one base64 class-index PNG", choices=MASK_FORMATS))),
 )}
 BY_ENDPOINT: dict[str, Task] = {t.endpoint: t for t in TASKS.values()}

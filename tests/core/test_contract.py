@@ -105,6 +105,8 @@ def test_check_io() -> None:
         check_io(c, [("images", "tensor(uint8)", ["n", 32, 32, 3])], [("probs", "", ["n", 2])])
     with pytest.raises(ContractError, match="^outputs.scores: output 'logits' has rank 1"):
         check_io(c, [("images", "tensor(uint8)", ["n", 32, 32, 3])], [("logits", "", [2])])
+    with pytest.raises(ContractError, match="^outputs.scores: output 'logits' has a fixed batch axis of 1"):
+        check_io(c, [("images", "tensor(uint8)", ["n", 32, 32, 3])], [("logits", "", [1, 2])])
 
 
 def test_fixed_batch_against_the_graph() -> None:
