@@ -1,11 +1,13 @@
 """A per-model dynamic batcher in the style of Triton's: batch what is queued, never stall.
 
 Requests put one preprocessed image each into the model's queue and await a future. A
-single loop per model takes everything queued (up to ``max_batch``), runs it in the
-inference thread, and resolves the futures. While a batch runs, new requests accumulate,
-so batches grow with load by themselves; an idle request waits ``max_wait_ms`` for company
-(default 0: like Triton, only what is already queued is batched). Nothing predicts latency
-and cancels: the only refusal is a full queue, answered at once with 503 + Retry-After.
+loop per model takes everything queued (up to ``max_batch``), runs it on the inference
+executor, and resolves the futures; up to ``concurrency`` batches run at once (Triton's
+instance count: on a CPU, two single-threaded runs use two cores with less overhead than
+one run on two threads). While the runs are busy, new requests accumulate, so batches grow
+with load by themselves; an idle request waits ``max_wait_ms`` for company (default 0: like
+Triton, only what is already queued is batched). Nothing predicts latency and cancels: the
+only refusal is a full queue, answered at once with 503 + Retry-After.
 
 Every accepted request is answered: if the model, the output split or anything else in a
 batch raises, each of its requests gets that exception (the service answers 500), and a
@@ -45,12 +47,13 @@ class DynamicBatcher:
     """Collects single images into batches for ``run_batch``."""
 
     def __init__(self, run_batch: RunBatch, executor: Executor, max_batch: int, max_wait_ms: float,
-                 max_queue: int, on_batch: OnBatch | None = None) -> None:
+                 max_queue: int, on_batch: OnBatch | None = None, concurrency: int = 1) -> None:
         self.run_batch, self.executor = run_batch, executor
         self.max_batch, self.max_wait = max(1, max_batch), max_wait_ms / 1000.0
-        self.max_queue = max_queue
+        self.max_queue, self.concurrency = max_queue, max(1, concurrency)
         self.on_batch = on_batch
         self._pending: list[_Item] = []
+        self._running = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -84,15 +87,28 @@ class DynamicBatcher:
                 deadline = loop.time() + self.max_wait
                 while len(self._pending) < self.max_batch and loop.time() < deadline:
                     await asyncio.sleep(min(0.0005, max(deadline - loop.time(), 0)))
-            while self._pending:
+            while self._pending and self._running < self.concurrency:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
                 batch = [(x, f) for x, f in batch if not f.cancelled()]
                 if batch:
-                    await self._run(batch)
+                    self._running += 1
+                    loop.create_task(self._run(batch))
+
+    def _done(self) -> None:
+        """A run finished: free its slot and look at the queue again."""
+        self._running -= 1
+        assert self._wakeup is not None
+        self._wakeup.set()
 
     async def _run(self, batch: list[_Item]) -> None:
         """Run one batch and resolve every future in it, whatever happens."""
         loop = asyncio.get_running_loop()
+        try:
+            await self._run_batch(loop, batch)
+        finally:
+            self._done()
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         try:
             start = time.perf_counter()
             stacked = np.stack([x for x, _ in batch])

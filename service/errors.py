@@ -71,27 +71,19 @@ _TYPE_BY_STATUS = {400: "bad_request", 404: "not_found", 405: "method_not_allowe
 class ErrorEnvelopeMiddleware:
     """ASGI middleware that gives every error response the service's JSON shape.
 
-    BentoML answers its own validation failures as ``{"error": "...", "detail": [...]}`` and
-    Starlette answers unknown routes in plain text; this rewrites any >= 400 response whose
-    body is not already ``{"error": {"type", "message"}}``. It also refuses bodies whose
-    Content-Length exceeds ``max_body_bytes`` before they are read (413).
+    convserve's own routes answer in that shape already; BentoML answers its own failures as
+    ``{"error": "..."}`` and Starlette answers unknown routes and methods in plain text. This
+    rewrites any >= 400 response whose body is not already ``{"error": {"type", "message"}}``.
     """
 
-    def __init__(self, app: Any, max_body_bytes: int | None = None) -> None:
+    def __init__(self, app: Any, skip_posts_to: tuple[str, ...] = ()) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.skip_posts_to = frozenset(skip_posts_to)  # routes whose POSTs answer in the envelope themselves
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope["method"] == "POST" and scope["path"] in self.skip_posts_to):
             await self.app(scope, receive, send)
             return
-        if self.max_body_bytes is not None:
-            for k, v in scope.get("headers", []):
-                if k == b"content-length" and v.isdigit() and int(v) > self.max_body_bytes:
-                    resp = error_response(413, "payload_too_large",
-                                          f"request body of {int(v)} bytes exceeds the limit of {self.max_body_bytes}")
-                    await resp(scope, receive, send)
-                    return
         start: dict | None = None
         chunks: list[bytes] = []
 

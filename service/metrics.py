@@ -6,6 +6,9 @@ created lazily, so importing this module does no work.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import bentoml
 
 INFERENCE_SECONDS = bentoml.metrics.Histogram(
@@ -26,6 +29,11 @@ REQUEST_SECONDS = bentoml.metrics.Histogram(
     labelnames=["model", "endpoint"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+REBALANCED = bentoml.metrics.Counter(
+    name="convserve_connections_rebalanced_total",
+    documentation="Keep-alive connections closed by a worker holding more than its share (service.balancing)",
+    labelnames=[],
+)
 ERRORS = bentoml.metrics.Counter(
     name="convserve_errors_total",
     documentation="Requests answered with an error, by endpoint and error type",
@@ -33,6 +41,29 @@ ERRORS = bentoml.metrics.Counter(
 )
 
 
+@functools.lru_cache(maxsize=None)
+def _child(metric: object, *labels: str) -> Any:
+    """A labelled child, looked up once (``.labels()`` takes a lock and builds a key each time)."""
+    return metric.labels(*labels)  # type: ignore[attr-defined]
+
+
 def observe_batch(model: str, size: int, seconds: float) -> None:
-    BATCH_SIZE.labels(model=model).observe(size)
-    INFERENCE_SECONDS.labels(model=model).observe(seconds)
+    """One ONNX Runtime run of ``size`` images that took ``seconds``."""
+    _child(BATCH_SIZE, model).observe(size)
+    _child(INFERENCE_SECONDS, model).observe(seconds)
+
+
+def answered(model: str, endpoint: str, seconds: float) -> None:
+    """A request answered with 200 after ``seconds`` inside the service (BentoML's own
+    bentoml_service_request_total counts every request by endpoint and status)."""
+    _child(REQUEST_SECONDS, model, endpoint).observe(seconds)
+
+
+def rebalanced() -> None:
+    """A keep-alive connection was closed to spread connections over the workers."""
+    REBALANCED.inc()
+
+
+def error(endpoint: str, type_: str) -> None:
+    """A request answered with an error of ``type_`` (invalid_image, overloaded, ...)."""
+    _child(ERRORS, endpoint, type_).inc()

@@ -1,20 +1,101 @@
-"""What the service does to one uploaded image, without any HTTP: decode and fit it to the
-model input with core.imaging.load_input, under the service's byte and pixel limits.
+"""One worker's request path once the body is read, without any HTTP: options, model,
+decode, batch, result.
 
-The training loaders call the same function, so a model is served exactly the pixels it
-was trained on (tests/service/test_tiny_server.py checks it for the awkward formats).
+Decoding and heavy post-processing run in a pool of CONVSERVE_DECODE_THREADS threads, so
+the pixels being decoded at once are bounded and the event loop stays free for HTTP; ONNX
+Runtime runs on the repository's CONVSERVE_INFERENCE_THREADS threads, fed by the per-model
+batchers.
+:func:`preprocess` is the service's whole image preparation: core.imaging.load_input under
+the service's limits, the same function the training loaders call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import numpy as np
 
 from core.contract import ModelContract
+from core.errors import ImageTooLarge, InvalidImage
 from core.geometry import Geometry
 from core.imaging import DecodedImage, load_input
+from core.tasks import Task
+from service.batching import BatchResult
+from service.repository import ModelRepository, ServedModel
 from service.settings import Settings
+from service.uploads import Upload
+
+ImageInfo = dict[str, Any]  # width, height (after EXIF orientation) and format of an upload
+Prepared = tuple[ImageInfo, np.ndarray, Geometry]
 
 
-def preprocess(data: bytes, contract: ModelContract, settings: Settings) -> tuple[DecodedImage, np.ndarray, Geometry]:
-    """Decode ``data`` and resize it to ``contract``'s input; InvalidImage / ImageTooLarge."""
-    return load_input(data, contract.input, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
+def preprocess(data: bytes, contract: ModelContract, settings: Settings) -> Prepared:
+    """Decode ``data`` and resize it to ``contract``'s input; InvalidImage / ImageTooLarge.
+    Only the model input and the upload's size travel on: the decoded image is dropped here,
+    so the pixels a worker holds are those of the decodes in progress."""
+    decoded, arr, geometry = load_input(data, contract.input, max_bytes=settings.max_bytes,
+                                        max_pixels=settings.max_pixels)
+    return _info(decoded), arr, geometry
+
+
+def _info(decoded: DecodedImage) -> ImageInfo:
+    return {"width": decoded.width, "height": decoded.height, "format": decoded.format}
+
+
+class Pipeline:
+    """Answers parsed requests: :meth:`answer` returns the JSON-ready body and the model used."""
+
+    def __init__(self, repo: ModelRepository, settings: Settings) -> None:
+        self.repo, self.settings = repo, settings
+        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+
+    async def answer(self, task: Task, upload: Upload) -> tuple[dict[str, Any], ServedModel]:
+        """Raises InvalidOption, ModelNotFound, WrongTask, InvalidImage, ImageTooLarge,
+        Overloaded (a full model queue) or, for a failed model, anything else."""
+        t0 = time.perf_counter()
+        options = task.parse_options(upload.options)
+        served = self.repo.resolve(options["model"], task.name)
+        c = served.model.contract
+        loop = asyncio.get_running_loop()
+        prepared: list[Prepared] = await self._each(
+            [loop.run_in_executor(self.pool, preprocess, data, c, self.settings) for data in upload.images])
+        t1 = time.perf_counter()
+        batched: list[BatchResult] = await self._each([served.batcher.submit(arr) for _, arr, _ in prepared])
+        t2 = time.perf_counter()
+        geometries = [geo for _, _, geo in prepared]
+        if task.result_in_thread:
+            results = await loop.run_in_executor(self.pool, _results, task, batched, geometries, c, options)
+        else:
+            results = _results(task, batched, geometries, c, options)
+        t3 = time.perf_counter()
+        timing = {"decode_ms": round((t1 - t0) * 1e3, 3), "inference_ms": round((t2 - t1) * 1e3, 3),
+                  "postprocess_ms": round((t3 - t2) * 1e3, 3), "total_ms": round((t3 - t0) * 1e3, 3),
+                  "batch_size": max(b.batch_size for b in batched)}
+        images = [info for info, _, _ in prepared]
+        body: dict[str, Any] = {"model": {"name": served.model.name, "version": served.model.version}}
+        if len(results) == 1:
+            body.update(image=images[0], timing=timing, **results[0])
+        else:
+            body.update(timing=timing, results=[{"image": im, **r} for im, r in zip(images, results)])
+        return body, served
+
+    @staticmethod
+    async def _each(awaitables: list[Any]) -> list[Any]:
+        """Await all; the first failure is raised, naming the image when there are several."""
+        if len(awaitables) == 1:
+            return [await awaitables[0]]
+        results = await asyncio.gather(*awaitables, return_exceptions=True)
+        for i, r in enumerate(results):
+            if isinstance(r, (InvalidImage, ImageTooLarge)):
+                raise type(r)(f"image {i + 1} of {len(results)}: {r}")
+            if isinstance(r, BaseException):
+                raise r
+        return results
+
+
+def _results(task: Task, batched: list[BatchResult], geometries: list[Geometry], contract: ModelContract,
+             options: dict[str, Any]) -> list[dict[str, Any]]:
+    return [task.result(b.outputs, geo, contract, options) for b, geo in zip(batched, geometries)]

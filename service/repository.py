@@ -25,17 +25,19 @@ log = logging.getLogger("convserve.repository")
 
 
 def check_repository(settings: Settings) -> list[ModelEntry]:
-    """Check the repository without creating sessions: every model.onnx parses and its
-    contract agrees with its graph; an explicit CUDA request can really be met.
-    Raises RepositoryError naming the file."""
-    from core.onnx_contract import read_contract
-
+    """Check the repository as a worker will load it: every model.onnx opens in ONNX Runtime
+    (on CPU) with a contract that agrees with its graph; an explicit CUDA request can really
+    be met. Raises RepositoryError naming the file."""
     found = discover(settings.model_root)
     for entry in found:
         try:
-            read_contract(entry.path)
+            model = OnnxModel.load(entry.path, entry.name, entry.version, "cpu", 1)
         except InvalidModel as exc:
             raise RepositoryError(f"{entry.path}: invalid model: {exc}") from None
+        try:
+            warm_up(model, settings.max_batch_for(model.providers), 1)
+        except Exception as exc:  # whatever the graph raises: the worker's warm-up would too
+            raise RepositoryError(f"{entry.path}: the model fails on a warm-up batch: {exc}") from None
     if settings.device == "cuda":
         from core.runtime import create_session
 
@@ -44,6 +46,20 @@ def check_repository(settings: Settings) -> list[ModelEntry]:
         except DeviceUnavailable as exc:
             raise RepositoryError(str(exc)) from None
     return found
+
+
+def warm_up(model: OnnxModel, max_batch: int, concurrent: int, executor: ThreadPoolExecutor | None = None) -> None:
+    """Run ``model`` as hard as serving will: its largest batch ``concurrent`` times at once,
+    then one image. ONNX Runtime's memory then holds what serving needs, and neither first
+    requests nor new batch sizes pay set-up time or grow it much."""
+    i = model.contract.input
+    largest = np.full((min(max_batch, model.contract.batch.max_size or max_batch), i.height, i.width, 3),
+                      i.pad_value, np.uint8)
+    if executor is not None and concurrent > 1:
+        list(executor.map(model.infer, [largest] * concurrent))
+    else:
+        model.infer(largest)
+    model.infer(largest[:1])
 
 
 @dataclass
@@ -73,9 +89,8 @@ class ModelRepository:
 
     def __init__(self, settings: Settings, on_batch: Callable[[str, int, float], None] | None = None) -> None:
         self.settings = settings
-        # One inference thread: each run already uses ort_threads cores, so concurrent runs
-        # would only oversubscribe them.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        # Up to inference_threads batches run at once (each on ort_threads cores), shared by all models.
+        self.executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="ort")
         self.models: dict[str, dict[str, ServedModel]] = {}
         self.ready = False
         for entry in discover(settings.model_root):
@@ -83,23 +98,23 @@ class ModelRepository:
                 model = OnnxModel.load(entry.path, entry.name, entry.version, settings.device, settings.ort_threads)
             except InvalidModel as exc:
                 raise RepositoryError(f"{entry.path}: invalid model: {exc}") from None
+            wanted = settings.max_batch_for(model.providers)
             fixed = model.contract.batch.max_size
             batcher = DynamicBatcher(
                 model.infer, self.executor,
-                max_batch=min(settings.max_batch, fixed) if fixed else settings.max_batch,
-                max_wait_ms=settings.batch_wait_ms, max_queue=settings.max_queue,
+                max_batch=min(wanted, fixed) if fixed else wanted,
+                max_wait_ms=settings.batch_wait_ms, max_queue=settings.max_queue * settings.max_images,
                 on_batch=(lambda n, s, ref=entry.ref: on_batch(ref, n, s)) if on_batch else None,
+                concurrency=settings.inference_threads,
             )
             self.models.setdefault(entry.name, {})[entry.version] = ServedModel(model, batcher)
             log.info("loaded %s (%s) from %s on %s", entry.ref, model.contract.task, entry.path, model.providers)
 
     def warm_up(self) -> None:
-        """Run every model at its largest batch and at one image, so first requests pay no set-up cost."""
+        """:func:`warm_up` every model, its largest batch on every inference thread at once."""
         for versions in self.models.values():
             for served in versions.values():
-                i = served.model.contract.input
-                for n in sorted({served.batcher.max_batch, 1}, reverse=True):
-                    served.model.infer(np.full((n, i.height, i.width, 3), i.pad_value, np.uint8))
+                warm_up(served.model, served.batcher.max_batch, self.settings.inference_threads, self.executor)
         self.ready = True
 
     def default_version(self, name: str) -> str:

@@ -1,41 +1,35 @@
 """The BentoML service: POST an image, get labels, boxes or masks; GET /models.
 
-Request path: read upload -> decode and resize/letterbox to the model's uint8 input
-(core.imaging.load_input) -> dynamic batch (service.batching) -> ONNX Runtime ->
-the task's result (core.tasks) -> JSON. Decode and postprocess run in worker threads;
-inference runs in one thread per worker process. Start it with::
-
     bentoml serve service.service:ConvServe --port 3000
+
+BentoML runs the server (workers, /livez, /readyz, /metrics, /docs.json, containerize);
+the routes convserve answers live in service.app, which reads and parses its own request
+bodies. Per worker: admission control (service.admission) -> body (service.uploads) ->
+decode pool -> per-model dynamic batcher -> ONNX Runtime -> the task's result
+(service.pipeline) -> JSON. Settings come from CONVSERVE_* environment variables
+(service.settings); BentoML reads the worker count when it imports this module.
 """
 
 from __future__ import annotations
 
-import json
+import atexit
+import gc
 import logging
-import time
+import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
 
-import anyio
 import bentoml
-import numpy as np
-from fastapi import FastAPI
-from pydantic import Field
-from starlette.responses import JSONResponse
 
-from core.contract import ModelContract
-from core.errors import ConfigError, ConvserveError, ImageTooLarge
-from core.geometry import Geometry
-from core.imaging import DecodedImage
-from core.tasks import TASKS
-from service.errors import ErrorEnvelopeMiddleware, client_error, error_response
-from service.pipeline import preprocess
-from service.metrics import ERRORS, REQUEST_SECONDS, observe_batch
-from service.repository import ModelRepository, ServedModel, check_repository
-from service.schemas import ClassifyResponse, DetectResponse, SegmentResponse
+from core.errors import ConfigError
+from service import balancing, bentoml_fixes
+from service.app import app
+from service.errors import ErrorEnvelopeMiddleware
 from service.settings import Settings
 
 log = logging.getLogger("convserve.service")
+bentoml_fixes.apply()
 
 
 def _setup_logging() -> None:
@@ -49,129 +43,78 @@ def _setup_logging() -> None:
         root.propagate = False
 
 
-def _import_time_settings() -> Settings | None:
-    """Settings for the decorators below, which BentoML reads at import. Invalid settings are
-    None here: the start-up check (ConvServe.check_start_up) reports them and stops the server."""
+def _workers() -> int:
+    """CONVSERVE_WORKERS for the decorator below, which BentoML reads at import. An invalid
+    setting counts as 1 here: the start-up check then reports it and stops the server."""
     try:
-        return Settings.from_env()
+        return Settings.from_env().workers
     except ConfigError:
-        return None
+        return 1
 
 
-_SETTINGS = _import_time_settings()
-
-
-ops = FastAPI(title="convserve operations", openapi_url=None, docs_url=None, redoc_url=None)
+INFERENCE_ROUTES = [f"/{route.path.strip('/')}" for route in app.routes if "POST" in getattr(route, "methods", ())]
 
 
 @bentoml.service(
     name="convserve",
-    workers=_SETTINGS.workers if _SETTINGS else 1,
-    traffic={"timeout": 120, "max_concurrency": 1024},
+    workers=_workers(),
+    # No max_concurrency: admission control sheds load before bodies are read, with our JSON.
+    traffic={"timeout": 120},
+    # BentoML's per-request OpenTelemetry span costs about 0.3 ms of CPU per request and is
+    # dropped anyway unless tracing is configured (sample rate 0 by default); skip it on the
+    # inference routes unless CONVSERVE_TRACE_REQUESTS=1.
+    tracing={"excluded_urls": [] if os.environ.get("CONVSERVE_TRACE_REQUESTS") == "1" else INFERENCE_ROUTES},
+    # BentoML's access log line (a synchronous write per request) is skipped on the inference
+    # routes unless CONVSERVE_ACCESS_LOG=1; BentoML's request metrics still count them, and
+    # convserve_request_seconds / convserve_errors_total say how each ended.
+    logging={"access": {"skip_paths": [] if os.environ.get("CONVSERVE_ACCESS_LOG") == "1" else INFERENCE_ROUTES}},
 )
-@bentoml.asgi_app(ops, path="/")
+@bentoml.asgi_app(app, path="/")
 class ConvServe:
     """Classification, detection and segmentation on ONNX Runtime; see README.md."""
 
     @bentoml.on_deployment
     def check_start_up() -> None:
-        """Runs once in ``bentoml serve``'s main process before any worker starts: a bad
-        setting or a broken repository stops the server with one line naming the problem
-        (workers that failed instead would be restarted forever)."""
-        _setup_logging()
-        try:
-            check_repository(Settings.from_env())
-        except ConvserveError as exc:
-            raise SystemExit(f"convserve: cannot start: {exc}") from None
+        """Once, in ``bentoml serve``'s main process, before any worker starts: a bad setting
+        or a broken repository stops the server with one line naming the problem (workers
+        that failed instead would be restarted forever). The check runs in a child process
+        so that this long-lived supervisor never loads the model stack."""
+        src = str(Path(__file__).resolve().parent.parent)  # the checkout, or the Bento's src/ in a container
+        pythonpath = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
+        r = subprocess.run([sys.executable, "-m", "service.check"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": pythonpath})
+        if r.returncode != 0:
+            lines = r.stderr.strip().splitlines()
+            raise SystemExit(lines[-1] if lines else f"convserve: start-up check failed ({r.returncode})")
+        workers = _workers()
+        if workers > 1:  # the workers, started after this hook, inherit the shared file's path
+            path = balancing.create_file(workers)
+            os.environ[balancing.ENV] = str(path)
+            atexit.register(path.unlink, missing_ok=True)
 
     def __init__(self) -> None:
+        from service.admission import Admission
+        from service.metrics import observe_batch
+        from service.pipeline import Pipeline
+        from service.repository import ModelRepository
+        from service.uploads import Limits
+
         _setup_logging()
-        self.settings = Settings.from_env()
-        self.repo = ModelRepository(self.settings, on_batch=observe_batch)
+        self.settings = s = Settings.from_env()
+        self.repo = ModelRepository(s, on_batch=observe_batch)
         self.repo.warm_up()
+        self.pipeline = Pipeline(self.repo, s)
+        self.admission = Admission(s.max_queue, s.max_inflight_bytes, s.admission_wait_ms / 1e3, s.max_waiting)
+        self.limits = Limits(max_bytes=s.max_bytes, max_images=s.max_images, timeout_s=s.body_timeout_s)
+        self.balancer = balancing.Balancer.from_env(bentoml.server_context.worker_index - 1, s.workers)
+        app.state.service = self
+        # What exists now lives as long as the worker: keep full collections from walking it.
+        gc.collect()
+        gc.freeze()
         log.info("ready: %d model(s) loaded and warmed up", sum(len(v) for v in self.repo.models.values()))
 
     def __is_ready__(self) -> bool:
         return self.repo.ready
 
-    @ops.get("/models")
-    def list_models(self) -> dict[str, Any]:
-        """Every loaded model: task, labels, input, version and the providers it really runs on."""
-        return {"models": self.repo.describe()}
 
-    async def _handle(self, image: Path, options: dict[str, Any], task_name: str) -> JSONResponse:
-        task = TASKS[task_name]
-        t0 = time.perf_counter()
-        served: ServedModel | None = None
-        try:
-            served = self.repo.resolve(options.get("model"), task.name)
-            c = served.model.contract
-            decoded, arr, geo = await anyio.to_thread.run_sync(self._decode, image, c)
-            t1 = time.perf_counter()
-            batched = await served.batcher.submit(arr)
-            t2 = time.perf_counter()
-            result = await anyio.to_thread.run_sync(task.result, batched.outputs, geo, c, options)
-            t3 = time.perf_counter()
-        except Exception as exc:
-            response = client_error(exc)
-            if response is None:
-                log.exception("/%s failed", task.endpoint)
-                response = error_response(500, "internal", "the model failed on this input; the server log has details")
-            ERRORS.labels(endpoint=task.endpoint, type=json.loads(response.body)["error"]["type"]).inc()
-            return response
-        REQUEST_SECONDS.labels(model=served.ref, endpoint=task.endpoint).observe(t3 - t0)
-        body = {
-            "model": {"name": served.model.name, "version": served.model.version},
-            "image": {"width": decoded.width, "height": decoded.height, "format": decoded.format},
-            "timing": {"decode_ms": round((t1 - t0) * 1e3, 3), "inference_ms": round((t2 - t1) * 1e3, 3),
-                       "postprocess_ms": round((t3 - t2) * 1e3, 3), "total_ms": round((t3 - t0) * 1e3, 3),
-                       "batch_size": batched.batch_size},
-            **result,
-        }
-        return JSONResponse(body)
-
-    def _decode(self, image: Path, c: ModelContract) -> tuple[DecodedImage, np.ndarray, Geometry]:
-        try:
-            size = image.stat().st_size
-        except OSError:
-            size = 0
-        if size > self.settings.max_bytes:
-            raise ImageTooLarge(f"the upload is {size} bytes; the limit is {self.settings.max_bytes}")
-        return preprocess(image.read_bytes(), c, self.settings)
-
-    @bentoml.api(route="/classify")
-    async def classify(
-        self,
-        image: Annotated[Path, Field(description="the image file (JPEG, PNG, WebP, BMP, TIFF, GIF, ...)")],
-        model: Annotated[str, Field(description="name or name:version; empty = the classification model")] = "",
-        top_k: Annotated[int, Field(ge=1, le=1000, description="how many labels to return")] = 5,
-    ) -> ClassifyResponse:
-        """Top-k labels with softmax scores."""
-        return await self._handle(image, {"model": model, "top_k": top_k}, "classification")  # type: ignore[return-value]
-
-    @bentoml.api(route="/detect")
-    async def detect(
-        self,
-        image: Annotated[Path, Field(description="the image file")],
-        model: Annotated[str, Field(description="name or name:version; empty = the detection model")] = "",
-        score_threshold: Annotated[float, Field(ge=0.0, le=1.0, description="drop detections scoring below")] = 0.3,
-        max_detections: Annotated[int, Field(ge=1, le=1000, description="keep at most this many, best first")] = 100,
-    ) -> DetectResponse:
-        """Boxes [x1, y1, x2, y2] in original image pixels, with label and score."""
-        options = {"model": model, "score_threshold": score_threshold, "max_detections": max_detections}
-        return await self._handle(image, options, "detection")  # type: ignore[return-value]
-
-    @bentoml.api(route="/segment")
-    async def segment(
-        self,
-        image: Annotated[Path, Field(description="the image file")],
-        model: Annotated[str, Field(description="name or name:version; empty = the segmentation model")] = "",
-        mask_format: Annotated[Literal["rle", "polygon", "png"], Field(
-            description="rle: COCO RLE per class; polygon: COCO polygons; png: one class-index PNG")] = "rle",
-    ) -> SegmentResponse:
-        """Per-class masks at original image size, with pixel areas and bounding boxes."""
-        return await self._handle(image, {"model": model, "mask_format": mask_format}, "segmentation")  # type: ignore[return-value]
-
-
-ConvServe.add_asgi_middleware(ErrorEnvelopeMiddleware,
-                              max_body_bytes=(_SETTINGS.max_bytes if _SETTINGS else 32 << 20) + 1024 * 1024)
+ConvServe.add_asgi_middleware(ErrorEnvelopeMiddleware, skip_posts_to=tuple(INFERENCE_ROUTES))

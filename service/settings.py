@@ -5,12 +5,19 @@
 | CONVSERVE_MODEL_ROOT | <repo>/models | model repository: <name>/<version>/model.onnx |
 | CONVSERVE_DEVICE | auto | auto (CUDA only if it really initialises) / cpu / cuda (fail if not) |
 | CONVSERVE_WORKERS | 1 | BentoML worker processes |
-| CONVSERVE_ORT_THREADS | cores / workers | ONNX Runtime intra-op threads per session |
-| CONVSERVE_MAX_BATCH | 16 | largest batch the dynamic batcher forms |
-| CONVSERVE_BATCH_WAIT_MS | 2 | how long an idle batcher waits for company |
-| CONVSERVE_MAX_QUEUE | 256 | queued images per model before requests get 503 |
-| CONVSERVE_MAX_BYTES | 33554432 | largest upload (32 MiB) |
-| CONVSERVE_MAX_PIXELS | 100000000 | largest image (width x height, after header parse) |
+| CONVSERVE_INFERENCE_THREADS | cores / workers | ONNX Runtime runs at once per worker (batches in flight) |
+| CONVSERVE_ORT_THREADS | 1 | ONNX Runtime intra-op threads per run |
+| CONVSERVE_DECODE_THREADS | cores / workers | threads decoding uploads, per worker (bounds the pixels in flight) |
+| CONVSERVE_MAX_BATCH | 8 on CPU, 32 on CUDA | largest batch the dynamic batcher forms |
+| CONVSERVE_BATCH_WAIT_MS | 0 | how long an idle batcher waits for company (0: batch what is queued) |
+| CONVSERVE_MAX_QUEUE | 64 | requests a worker holds (reading, decoding, queued, running); more wait, unread |
+| CONVSERVE_ADMISSION_WAIT_MS | 1000 | how long a request waits, unread, for one of those slots before 503 |
+| CONVSERVE_MAX_WAITING | 1024 | requests waiting for a slot per worker; beyond it, 503 at once |
+| CONVSERVE_MAX_INFLIGHT_BYTES | 268435456 | request-body bytes a worker holds before 503 (256 MiB) |
+| CONVSERVE_MAX_BYTES | 33554432 | largest request body (32 MiB) |
+| CONVSERVE_MAX_PIXELS | 100000000 | largest image (width x height, from the header) |
+| CONVSERVE_MAX_IMAGES | 16 | images in one request |
+| CONVSERVE_BODY_TIMEOUT_S | 30 | seconds a client has to send its request body (then 408) |
 """
 
 from __future__ import annotations
@@ -59,12 +66,26 @@ class Settings:
     model_root: Path
     device: str
     workers: int
+    inference_threads: int
     ort_threads: int
-    max_batch: int
+    decode_threads: int
+    max_batch: int | None  # None: per device (see max_batch_for)
     batch_wait_ms: int
     max_queue: int
+    admission_wait_ms: int
+    max_waiting: int
+    max_inflight_bytes: int
     max_bytes: int
     max_pixels: int
+    max_images: int
+    body_timeout_s: int
+
+    def max_batch_for(self, providers: list[str]) -> int:
+        """CONVSERVE_MAX_BATCH, or the default for where the model runs: on a CPU larger
+        batches cost as much per image and hold more memory; a GPU needs them to be busy."""
+        if self.max_batch:
+            return self.max_batch
+        return 32 if "CUDAExecutionProvider" in providers else 8
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -77,10 +98,17 @@ class Settings:
             model_root=Path(os.environ.get("CONVSERVE_MODEL_ROOT") or DEFAULT_MODEL_ROOT),
             device=device,
             workers=workers,
-            ort_threads=_int("CONVSERVE_ORT_THREADS", max(1, available_cores() // workers), 1),
-            max_batch=_int("CONVSERVE_MAX_BATCH", 16, 1),
-            batch_wait_ms=_int("CONVSERVE_BATCH_WAIT_MS", 2, 0),
-            max_queue=_int("CONVSERVE_MAX_QUEUE", 256, 1),
+            inference_threads=_int("CONVSERVE_INFERENCE_THREADS", max(1, available_cores() // workers), 1),
+            ort_threads=_int("CONVSERVE_ORT_THREADS", 1, 1),
+            decode_threads=_int("CONVSERVE_DECODE_THREADS", max(1, available_cores() // workers), 1),
+            max_batch=_int("CONVSERVE_MAX_BATCH", 0, 1) or None,
+            batch_wait_ms=_int("CONVSERVE_BATCH_WAIT_MS", 0, 0),
+            max_queue=_int("CONVSERVE_MAX_QUEUE", 64, 1),
+            admission_wait_ms=_int("CONVSERVE_ADMISSION_WAIT_MS", 1000, 0),
+            max_waiting=_int("CONVSERVE_MAX_WAITING", 1024, 0),
+            max_inflight_bytes=_int("CONVSERVE_MAX_INFLIGHT_BYTES", 256 * 1024 * 1024, 1),
             max_bytes=_int("CONVSERVE_MAX_BYTES", 32 * 1024 * 1024, 1),
             max_pixels=_int("CONVSERVE_MAX_PIXELS", 100_000_000, 1),
+            max_images=_int("CONVSERVE_MAX_IMAGES", 16, 1),
+            body_timeout_s=_int("CONVSERVE_BODY_TIMEOUT_S", 30, 1),
         )

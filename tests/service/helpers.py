@@ -65,3 +65,61 @@ def box_iou(a: list[float], b: list[float]) -> float:
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def request(url: str, method: str, path: str, body: Any = b"", headers: dict[str, str] | None = None,
+            chunked: bool = False, timeout: float = 60) -> tuple[int, dict[str, str], Any]:
+    """Any request through http.client; ``chunked`` sends ``body`` (an iterable of bytes) with
+    Transfer-Encoding: chunked and no Content-Length."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {}, encode_chunked=chunked)
+        resp = conn.getresponse()
+        status, resp_headers, raw = resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+    try:
+        return status, resp_headers, json.loads(raw)
+    except ValueError:
+        return status, resp_headers, raw.decode("utf-8", "replace")
+
+
+def raw_exchange(url: str, data: bytes, timeout: float = 30) -> tuple[int, dict[str, str], Any]:
+    """Send ``data`` as-is on a new connection (a hand-made request); parse the first response."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=timeout) as s:
+        s.sendall(data)
+        raw = b""
+        while True:
+            head, sep, rest = raw.partition(b"\r\n\r\n")
+            if sep:
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+                if len(rest) >= int(headers.get("content-length", 0)):
+                    break
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+    status = int(lines[0].split()[1])
+    body = rest[: int(headers.get("content-length", len(rest)))]
+    try:
+        return status, headers, json.loads(body)
+    except ValueError:
+        return status, headers, body.decode("utf-8", "replace")
+
+
+def multipart_body(parts: list[tuple[str, str | None, bytes]], boundary: str = "testboundary") -> bytes:
+    """A multipart body from (name, filename or None, data) parts, written out by hand."""
+    out = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()

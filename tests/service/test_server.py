@@ -221,14 +221,14 @@ def test_oversized_upload_is_refused_before_the_body_is_read(server) -> None:
 
 
 def test_upload_over_the_byte_limit_is_413(tmp_path: Path) -> None:
-    """Below the transport cut-off but above CONVSERVE_MAX_BYTES: refused by the decoder."""
+    """A body over CONVSERVE_MAX_BYTES is refused while it is read."""
     srv = start_server(Path(__file__).resolve().parents[2] / "models", tmp_path / "serve.log",
                        env={"CONVSERVE_DEVICE": "cpu", "CONVSERVE_MAX_BYTES": "100000"})
     try:
         big = jpeg(Image.effect_noise((800, 800), 80).convert("RGB"))
         assert len(big) > 100000
         status, _, body = post(srv.url + "/classify", {"image": ("big.jpg", big)})
-        assert status == 413 and body["error"]["type"] == "image_too_large"
+        assert status == 413 and body["error"]["type"] == "payload_too_large"
         _ok(srv)
     finally:
         stop_server(srv.proc)
@@ -284,9 +284,11 @@ def test_explicit_cuda_without_gpu_fails_start_up(tmp_path: Path) -> None:
 
 
 def test_overload_is_an_explicit_503_with_retry_after(tmp_path: Path) -> None:
-    """A one-image queue under 24 concurrent requests: some are shed at once, none hang."""
+    """Room for one request and no admission wait under 24 concurrent requests: some are
+    shed at once, none hang, and the next request is served."""
     srv = start_server(Path(__file__).resolve().parents[2] / "models", tmp_path / "serve.log",
-                       env={"CONVSERVE_DEVICE": "cpu", "CONVSERVE_MAX_QUEUE": "1", "CONVSERVE_MAX_BATCH": "1"})
+                       env={"CONVSERVE_DEVICE": "cpu", "CONVSERVE_MAX_QUEUE": "1", "CONVSERVE_MAX_BATCH": "1",
+                            "CONVSERVE_ADMISSION_WAIT_MS": "0"})
     try:
         data = jpeg(scene(9, 640, 480).image)
         with ThreadPoolExecutor(24) as pool:

@@ -127,3 +127,85 @@ def test_a_contract_error_stops_start_up_with_one_line(tiny_repo, tmp_path, edit
     lines = [ln for ln in log.splitlines() if "cannot start" in ln]
     assert lines == [f"convserve: cannot start: {bad}: invalid model: {field}" + lines[0].split(field, 1)[1]], log
     assert "Traceback" not in log and str(exc.value)
+
+
+def _one_row_classifier(path: Path, threshold: float = 200.0) -> Path:
+    """A classifier whose graph passes every start-up check (symbolic batch axes, a clean
+    warm-up on grey images) but returns a single row for any batch holding a bright image:
+    the output split then fails for such batches of more than one."""
+    from onnx import TensorProto, helper
+
+    def const(name: str, values: list, dtype: int = TensorProto.INT64):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, [len(values)], values))
+
+    nodes = [
+        helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[1, 2, 3], keepdims=0),   # [N]
+        helper.make_node("Shape", ["mean"], ["n"]),                                    # [1] == N
+        helper.make_node("ReduceMax", ["mean"], ["brightest"], keepdims=1),            # [1]
+        const("threshold", [threshold], TensorProto.FLOAT),
+        helper.make_node("Greater", ["brightest", "threshold"], ["bright"]),
+        const("one", [1]),
+        helper.make_node("Where", ["bright", "one", "n"], ["end"]),                    # 1 if bright else N
+        const("start", [0]), const("axis0", [0]),
+        helper.make_node("Slice", ["mean", "start", "end", "axis0"], ["rows"]),
+        const("axis1", [1]),
+        helper.make_node("Unsqueeze", ["rows", "axis1"], ["col"]),
+        helper.make_node("Neg", ["col"], ["neg"]),
+        helper.make_node("Concat", ["col", "neg"], ["logits"], axis=1),               # [?, 2]
+    ]
+    graph = helper.make_graph(nodes, "one_row",
+                              [helper.make_tensor_value_info("images", TensorProto.UINT8, ["n", 16, 16, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    contract = ModelContract.from_dict({"task": "classification", "labels": ["a", "b"],
+                                        "input": {"name": "images", "height": 16, "width": 16},
+                                        "outputs": {"kind": "logits", "scores": "logits"}})
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, contract.to_json()
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_model_onnx_runtime_cannot_load_stops_start_up_with_one_line(tmp_path) -> None:
+    path = _one_row_classifier(tmp_path / "repo" / "too-new" / "1" / "model.onnx")
+    proto = onnx.load(str(path))
+    proto.ir_version = 99  # a file from a newer exporter than this ONNX Runtime reads
+    onnx.save(proto, str(path))
+    with pytest.raises(RuntimeError):
+        start_server(tmp_path / "repo", tmp_path / "serve.log", timeout=90)
+    log = (tmp_path / "serve.log").read_text()
+    lines = [ln for ln in log.splitlines() if "cannot start" in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"convserve: cannot start: {path}: invalid model: ONNX Runtime cannot load it")
+    assert "Traceback" not in log
+
+
+def test_a_model_that_fails_its_warm_up_stops_start_up_with_one_line(tmp_path) -> None:
+    path = _one_row_classifier(tmp_path / "repo" / "fails" / "1" / "model.onnx", threshold=100.0)  # grey 114 is "bright"
+    with pytest.raises(RuntimeError):
+        start_server(tmp_path / "repo", tmp_path / "serve.log", timeout=90)
+    log = (tmp_path / "serve.log").read_text()
+    lines = [ln for ln in log.splitlines() if "cannot start" in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"convserve: cannot start: {path}: the model fails on a warm-up batch")
+    assert "Traceback" not in log
+
+
+def test_a_failing_output_split_is_a_500_json_not_a_hang(tmp_path) -> None:
+    from tests.conftest import stop_server
+    from tests.service.helpers import multipart_body, request
+
+    _one_row_classifier(tmp_path / "repo" / "one-row" / "1" / "model.onnx")
+    srv = start_server(tmp_path / "repo", tmp_path / "serve.log", env={"CONVSERVE_DEVICE": "cpu"})
+    try:
+        data = jpeg(Image.new("RGB", (64, 48), (250, 250, 250)))  # bright: the graph returns one row
+        status, _, body = request(srv.url, "POST", "/classify",
+                                  multipart_body([("image", f"{i}.jpg", data) for i in range(3)]),
+                                  {"Content-Type": "multipart/form-data; boundary=testboundary"}, timeout=30)
+        assert status == 500 and body["error"]["type"] == "internal", body  # one batch of 3 -> one row back
+        status, _, body = post(srv.url + "/classify", {"image": ("x.jpg", data)})
+        assert status == 200 and len(body["labels"]) == 2, body  # the batcher is alive; a batch of one works
+        assert "expected rank 1 per image plus a batch axis of at least 3" in (tmp_path / "serve.log").read_text()
+    finally:
+        stop_server(srv.proc)
