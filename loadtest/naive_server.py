@@ -15,7 +15,7 @@ import argparse
 import io
 from pathlib import Path
 
-from fastapi import FastAPI, File, UploadFile
+from fastapi import FastAPI, File, Form, UploadFile
 from PIL import Image
 
 from core.geometry import resize_to_input
@@ -29,11 +29,10 @@ def build_app(model_root: Path, threads: int) -> FastAPI:
     app = FastAPI(title="naive baseline")
     models: dict[str, OnnxModel] = {}
     for entry in discover(model_root):
-        m = OnnxModel.load(entry.path, entry.name, entry.version, "auto", threads)
-        models.setdefault(m.contract.task, m)
+        models[entry.name] = OnnxModel.load(entry.path, entry.name, entry.version, "auto", threads)
 
-    def run(task_name: str, data: bytes) -> dict:
-        m = models[task_name]
+    def run(task_name: str, data: bytes, name: str) -> dict:
+        m = models[name] if name else next(m for m in models.values() if m.contract.task == task_name)
         task = TASKS[task_name]
         img = Image.open(io.BytesIO(data)).convert("RGB")
         arr, geo = resize_to_input(img, m.contract.input)
@@ -41,16 +40,16 @@ def build_app(model_root: Path, threads: int) -> FastAPI:
         return task.result(out, geo, m.contract, {o.name: o.default for o in task.options})
 
     @app.post("/classify")
-    def classify(image: UploadFile = File(...)) -> dict:
-        return run("classification", image.file.read())
+    def classify(image: UploadFile = File(...), model: str = Form("")) -> dict:
+        return run("classification", image.file.read(), model)
 
     @app.post("/detect")
-    def detect(image: UploadFile = File(...)) -> dict:
-        return run("detection", image.file.read())
+    def detect(image: UploadFile = File(...), model: str = Form("")) -> dict:
+        return run("detection", image.file.read(), model)
 
     @app.post("/segment")
-    def segment(image: UploadFile = File(...)) -> dict:
-        return run("segmentation", image.file.read())
+    def segment(image: UploadFile = File(...), model: str = Form("")) -> dict:
+        return run("segmentation", image.file.read(), model)
 
     return app
 

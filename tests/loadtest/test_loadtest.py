@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from loadtest.images import MIX, image_mix
@@ -36,14 +38,40 @@ def test_locust_wrapper_writes_csv_html_and_chart(server, tmp_path: Path) -> Non
     assert Image.open(out / "chart.png").size[0] > 400
 
 
+def test_ceiling_runs_the_service_machinery_in_process() -> None:
+    """The ceiling decodes real JPEGs, runs real ONNX Runtime and computes real answers."""
+    from core.repository import discover
+    from core.runtime import OnnxModel
+    from loadtest.benchmark import ceiling, make_images
+    from service.settings import Settings
+
+    settings = Settings.from_env()
+    entry = next(e for e in discover(ROOT / "models") if e.name == "shapes-classifier")
+    model = OnnxModel.load(entry.path, entry.name, entry.version, "cpu", 1)
+    result = ceiling(model, make_images(4, 320, 240), settings, seconds=0.5)
+    assert result["pipeline_img_s"] > 0 and result["ort_only_img_s"] > result["pipeline_img_s"] / 10
+    assert result["max_batch"] == settings.max_batch_for(model.providers)
+
+
+def test_benchmark_without_wrk_says_how_to_get_it() -> None:
+    r = subprocess.run([sys.executable, "-m", "loadtest.benchmark", "--models", "shapes-classifier"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120, env={"PATH": "/nonexistent"})
+    assert r.returncode != 0 and "apt-get install wrk" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk): the benchmark's load generator")
 def test_benchmark_reports_ceiling_service_and_naive(server, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "loadtest.benchmark", "--url", server.url, "--endpoints", "classify",
-                        "--concurrency", "1,4", "--requests", "12", "--ceiling-seconds", "1", "--json-out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "loadtest.benchmark", "--url", server.url, "--server-pid", str(server.proc.pid),
+                        "--models", "shapes-classifier", "--concurrency", "1,4", "--seconds", "1",
+                        "--warmup-seconds", "1", "--ceiling-seconds", "0.5", "--json-out", str(out)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    (result,) = json.loads(out.read_text())
+    (result,) = json.loads(out.read_text())["models"]
     assert result["endpoint"] == "classify" and result["ceiling"]["pipeline_img_s"] > 0
-    assert [row["concurrency"] for row in result["service"]] == [1, 4]
-    assert all(row["ok"] == 12 and row["errors"] == 0 for row in result["service"] + result["naive"])
-    assert "| concurrency | service req/s" in r.stdout
+    for rows in (result["service"], result["naive"]):
+        assert [row["connections"] for row in rows] == [1, 4]
+        assert all(row["requests"] > 0 and row["non_2xx"] == 0 and row["socket_errors"] == 0 for row in rows), rows
+        assert all(0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] for row in rows), rows
+    assert all(row["rss_peak_mb"] > 50 for row in result["service"])
+    assert "| clients | service req/s" in r.stdout
