@@ -1,10 +1,10 @@
 """A per-model dynamic batcher in the style of Triton's: batch what is queued, never stall.
 
 Requests put one preprocessed image each into the model's queue and await a future. A
-loop per model takes everything queued (up to ``max_batch``), runs it on the inference
-executor, and resolves the futures; up to ``concurrency`` batches run at once (Triton's
-instance count: on a CPU, two single-threaded runs use two cores with less overhead than
-one run on two threads). While the runs are busy, new requests accumulate, so batches grow
+loop per model takes what is queued (up to ``max_batch``, shared evenly among the runs that
+are free), runs it on the inference executor, and resolves the futures; up to
+``concurrency`` batches run at once (Triton's instance count: on a CPU, two single-threaded
+runs use two cores with less overhead than one run on two threads). While the runs are busy, new requests accumulate, so batches grow
 with load by themselves; an idle request waits ``max_wait_ms`` for company (default 0: like
 Triton, only what is already queued is batched). Nothing predicts latency and cancels: the
 only refusal is a full queue, answered at once with 503 + Retry-After.
@@ -88,7 +88,10 @@ class DynamicBatcher:
                 while len(self._pending) < self.max_batch and loop.time() < deadline:
                     await asyncio.sleep(min(0.0005, max(deadline - loop.time(), 0)))
             while self._pending and self._running < self.concurrency:
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+                # Share what is queued among the idle runs: two images and two free cores make
+                # two batches of one, not one batch of two with a core left idle.
+                size = min(self.max_batch, -(-len(self._pending) // (self.concurrency - self._running)))
+                batch, self._pending = self._pending[:size], self._pending[size:]
                 batch = [(x, f) for x, f in batch if not f.cancelled()]
                 if batch:
                     self._running += 1

@@ -33,6 +33,28 @@ def test_concurrent_requests_are_batched_and_answered_in_order() -> None:
     assert all(isinstance(r, BatchResult) and 1 <= r.batch_size <= 8 for r in results)
 
 
+def test_queued_images_are_shared_among_free_runs() -> None:
+    """Two runs free and two images queued: two batches of one at once, not one of two."""
+    sizes = []
+    b = DynamicBatcher(_slow_double, ThreadPoolExecutor(2), max_batch=8, max_wait_ms=0, max_queue=100,
+                       on_batch=lambda n, s: sizes.append(n), concurrency=2)
+
+    async def main():
+        return await asyncio.gather(*(b.submit(np.full((2, 2, 3), i, np.uint8)) for i in range(2)))
+
+    results = _run(main())
+    assert sorted(sizes) == [1, 1] and [r.batch_size for r in results] == [1, 1]
+
+    sizes.clear()
+
+    async def many():
+        return await asyncio.gather(*(b.submit(np.full((2, 2, 3), i, np.uint8)) for i in range(16)))
+
+    results = _run(many())
+    assert [int(r.outputs["y"]) for r in results] == [i * 12 * 2 for i in range(16)]
+    assert sum(sizes) == 16 and max(sizes) <= 8
+
+
 def test_an_idle_request_does_not_wait_for_company() -> None:
     b = DynamicBatcher(lambda x: [{"y": v} for v in x], ThreadPoolExecutor(1), max_batch=8, max_wait_ms=0, max_queue=10)
 
