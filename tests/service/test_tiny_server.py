@@ -197,7 +197,9 @@ def test_a_failing_output_split_is_a_500_json_not_a_hang(tmp_path) -> None:
     from tests.service.helpers import multipart_body, request
 
     _one_row_classifier(tmp_path / "repo" / "one-row" / "1" / "model.onnx")
-    srv = start_server(tmp_path / "repo", tmp_path / "serve.log", env={"CONVSERVE_DEVICE": "cpu"})
+    # One inference thread, so the three images queued together run as one batch of three.
+    srv = start_server(tmp_path / "repo", tmp_path / "serve.log",
+                       env={"CONVSERVE_DEVICE": "cpu", "CONVSERVE_INFERENCE_THREADS": "1"})
     try:
         data = jpeg(Image.new("RGB", (64, 48), (250, 250, 250)))  # bright: the graph returns one row
         status, _, body = request(srv.url, "POST", "/classify",
