@@ -25,6 +25,7 @@ METADATA_KEY = "convserve"
 SCHEMA_VERSION = 1
 RESIZE_POLICIES = ("stretch", "letterbox")
 MAX_SIDE = 16384  # larger model inputs are almost certainly a mistake
+PRECISIONS = ("fp32", "int8")  # model variants; export.quantize writes int8
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class ModelContract:
     batch: BatchSpec = field(default_factory=BatchSpec)
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    precision: str = "fp32"  # the variant: fp32, or int8 (export.quantize); inputs stay uint8 either way
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -125,6 +127,8 @@ class ModelContract:
             raise ContractError(f"schema_version: unsupported version {self.schema_version} (this is {SCHEMA_VERSION})")
         if self.task not in TASKS:
             raise ContractError(f"task: must be one of {sorted(TASKS)}, got {self.task!r}")
+        if self.precision not in PRECISIONS:
+            raise ContractError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not self.labels:
             raise ContractError("labels: must list at least one class name")
         seen: set[str] = set()

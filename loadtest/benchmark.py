@@ -299,7 +299,7 @@ def bench_model(entry: ModelEntry, images: list[bytes], settings: Settings, url:
                 naive_url: str | None, naive_pid: int | None, levels: list[int], a: argparse.Namespace) -> dict[str, Any]:
     model = OnnxModel.load(entry.path, entry.name, entry.version, settings.device, settings.ort_threads)
     endpoint = TASKS[model.contract.task].endpoint
-    fields = {"model": entry.name}
+    fields = {"model": entry.ref}
     bodies = wrk.write_bodies(images, fields)
     target, naive_target = f"{url}/{endpoint}", f"{naive_url}/{endpoint}" if naive_url else None
     wrk.run(target, bodies, max(levels), a.warmup_seconds)  # first batches of every size, lazy imports

@@ -29,7 +29,7 @@ def build_app(model_root: Path, threads: int) -> FastAPI:
     app = FastAPI(title="naive baseline")
     models: dict[str, OnnxModel] = {}
     for entry in discover(model_root):
-        models[entry.name] = OnnxModel.load(entry.path, entry.name, entry.version, "auto", threads)
+        models[entry.ref] = OnnxModel.load(entry.path, entry.name, entry.version, "auto", threads)
 
     def run(task_name: str, data: bytes, name: str) -> dict:
         m = models[name] if name else next(m for m in models.values() if m.contract.task == task_name)

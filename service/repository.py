@@ -75,7 +75,7 @@ class ServedModel:
         c = self.model.contract
         return {
             "name": self.model.name, "version": self.model.version, "default_version": default,
-            "task": c.task, "endpoint": f"/{TASKS[c.task].endpoint}", "labels": c.labels,
+            "task": c.task, "endpoint": f"/{TASKS[c.task].endpoint}", "precision": c.precision, "labels": c.labels,
             "input": {"height": c.input.height, "width": c.input.width, "resize": c.input.resize,
                       "dtype": c.input.dtype, "layout": c.input.layout},
             "batch": {"dynamic": c.batch.dynamic, "size": c.batch.size, "max_batch": self.batcher.max_batch},

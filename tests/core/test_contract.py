@@ -63,6 +63,8 @@ def test_round_trip() -> None:
     ({"batch": {"dynamic": False}}, "batch.size: a fixed batch"),
     ({"batch": {"dynamic": False, "size": 0}}, "batch.size: a fixed batch"),
     ({"batch": {"dynamic": True, "size": 4}}, "batch.size: must be null when batch.dynamic is true"),
+    ({"precision": "fp8"}, r"precision: must be one of \['fp32', 'int8'\], got 'fp8'"),
+    ({"precision": 8}, "precision: expected a string"),
 ])
 def test_every_wrong_field_is_named(over, message) -> None:
     with pytest.raises(ContractError, match=f"^{message}"):
