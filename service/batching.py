@@ -9,6 +9,10 @@ with load by themselves; an idle request waits ``max_wait_ms`` for company (defa
 Triton, only what is already queued is batched). Nothing predicts latency and cancels: the
 only refusal is a full queue, answered at once with 503 + Retry-After.
 
+At low load a caller may skip the queue: :meth:`DynamicBatcher.claim_idle_run` hands it a
+free run when nothing is queued, and it runs the model in its own thread (the service
+decodes and infers a lone image in one thread, saving a hand-over per request).
+
 Every accepted request is answered: if the model, the output split or anything else in a
 batch raises, each of its requests gets that exception (the service answers 500), and a
 failing ``on_batch`` callback (metrics) is logged, never passed on.
@@ -97,11 +101,29 @@ class DynamicBatcher:
                     self._running += 1
                     loop.create_task(self._run(batch))
 
+    def claim_idle_run(self) -> bool:
+        """Take a free run for one image outside the queue, when nothing is queued and a run
+        is free: the caller runs the model itself (no hand-over to the inference thread at
+        low load) and must call :meth:`release_run`. False when the queue is the way."""
+        if self._pending or self._running >= self.concurrency:
+            return False
+        self._running += 1
+        return True
+
+    def release_run(self, size: int, seconds: float | None) -> None:
+        """A claimed run is over (``seconds`` None if it failed)."""
+        self._done()
+        if self.on_batch and seconds is not None:
+            try:
+                self.on_batch(size, seconds)
+            except Exception:
+                log.exception("on_batch callback failed (the run itself was answered)")
+
     def _done(self) -> None:
         """A run finished: free its slot and look at the queue again."""
         self._running -= 1
-        assert self._wakeup is not None
-        self._wakeup.set()
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     async def _run(self, batch: list[_Item]) -> None:
         """Run one batch and resolve every future in it, whatever happens."""

@@ -4,7 +4,8 @@ decode, batch, result.
 Decoding and heavy post-processing run in a pool of CONVSERVE_DECODE_THREADS threads, so
 the pixels being decoded at once are bounded and the event loop stays free for HTTP; ONNX
 Runtime runs on the repository's CONVSERVE_INFERENCE_THREADS threads, fed by the per-model
-batchers.
+batchers; a one-image request that finds its model idle is decoded and run in one decode
+thread instead, with no queue (DynamicBatcher.claim_idle_run).
 :func:`preprocess` is the service's whole image preparation: core.imaging.load_input under
 the service's limits, the same function the training loaders call.
 """
@@ -60,11 +61,21 @@ class Pipeline:
         served = self.repo.resolve(options["model"], task.name)
         c = served.model.contract
         loop = asyncio.get_running_loop()
-        prepared: list[Prepared] = await self._each(
-            [loop.run_in_executor(self.pool, preprocess, data, c, self.settings) for data in upload.images])
-        t1 = time.perf_counter()
-        batched: list[BatchResult] = await self._each([served.batcher.submit(arr) for _, arr, _ in prepared])
-        t2 = time.perf_counter()
+        if len(upload.images) == 1 and served.batcher.claim_idle_run():
+            # Low load: the model is idle, so decode and run it in one thread, with no queue.
+            ran: float | None = None
+            try:
+                prepared, batched, t1, ran = await loop.run_in_executor(
+                    self.pool, _decode_and_run, upload.images[0], served, self.settings)
+            finally:
+                served.batcher.release_run(1, ran)
+            t2 = time.perf_counter()
+        else:
+            prepared = await self._each(
+                [loop.run_in_executor(self.pool, preprocess, data, c, self.settings) for data in upload.images])
+            t1 = time.perf_counter()
+            batched = await self._each([served.batcher.submit(arr) for _, arr, _ in prepared])
+            t2 = time.perf_counter()
         geometries = [geo for _, _, geo in prepared]
         if task.result_in_thread:
             results = await loop.run_in_executor(self.pool, _results, task, batched, geometries, c, options)
@@ -94,6 +105,17 @@ class Pipeline:
             if isinstance(r, BaseException):
                 raise r
         return results
+
+
+def _decode_and_run(data: bytes, served: ServedModel, settings: Settings
+                    ) -> tuple[list[Prepared], list[BatchResult], float, float]:
+    """One image, decoded and run in this thread: its preparation, outputs, and the seconds
+    ONNX Runtime took."""
+    prepared = preprocess(data, served.model.contract, settings)
+    start = time.perf_counter()
+    (outputs,) = served.model.infer(prepared[1][None])
+    ran = time.perf_counter() - start
+    return [prepared], [BatchResult(outputs, 1)], start, ran
 
 
 def _results(task: Task, batched: list[BatchResult], geometries: list[Geometry], contract: ModelContract,

@@ -129,3 +129,25 @@ def test_a_failing_callback_does_not_fail_or_hang_the_requests() -> None:
 
     first, second = _run(main())
     assert len(first) == 3 and int(second.outputs["y"][0, 0, 0]) == 1
+
+
+def test_an_idle_run_can_be_claimed_outside_the_queue_and_is_given_back() -> None:
+    batches = []
+    b = DynamicBatcher(_slow_double, ThreadPoolExecutor(2), max_batch=8, max_wait_ms=0, max_queue=100,
+                       on_batch=lambda n, s: batches.append(n), concurrency=2)
+
+    async def main() -> list[BatchResult]:
+        assert b.claim_idle_run() and b.claim_idle_run()   # both runs taken by callers ...
+        assert not b.claim_idle_run()                      # ... so a third goes through the queue
+        queued = asyncio.ensure_future(b.submit(np.full((2, 2, 3), 1, np.uint8)))
+        await asyncio.sleep(0.1)
+        assert not queued.done() and b.queued == 1         # it waits for a run
+        b.release_run(1, 0.01)                             # a claimed run ends: the queue moves
+        result = await queued
+        b.release_run(1, None)                             # the other claimed run failed: not counted
+        assert b.claim_idle_run()                          # idle again
+        b.release_run(1, 0.02)
+        return [result]
+
+    (result,) = _run(main())
+    assert int(result.outputs["y"]) == 24 and sorted(batches) == [1, 1, 1]
