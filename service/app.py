@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from typing import TYPE_CHECKING, Any, Union
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
@@ -68,13 +69,16 @@ async def _infer(scope: Scope, receive: Receive, send: Send, task: Task) -> None
         body, served = await service.pipeline.answer(task, upload)
         close = balancer is not None and balancer.should_close(service.admission.requests)
     except Exception as exc:
-        response = client_error(exc)
-        if response is None:
+        known = client_error(exc)
+        if known is None:
             log.exception("/%s failed", task.endpoint)
-            response = error_response(500, "internal", "the model failed on this input; the server log has details")
-        elif response.status_code in (408, 413, 503):  # the rest of the body is not worth reading
-            response.headers["Connection"] = "close"
-        metrics.error(task.endpoint, json.loads(response.body)["error"]["type"])
+            type_, response = "internal", error_response(500, "internal",
+                                                         "the model failed on this input; the server log has details")
+        else:
+            type_, response = known
+            if response.status_code in (408, 413, 503):  # the rest of the body is not worth reading
+                response.headers["Connection"] = "close"
+        metrics.error(task.endpoint, type_)
         await response(scope, receive, send)
         return
     finally:
@@ -93,8 +97,6 @@ async def _infer(scope: Scope, receive: Receive, send: Send, task: Task) -> None
 
 
 def _query(raw: bytes) -> dict[str, str]:
-    from urllib.parse import parse_qsl
-
     return dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True)) if raw else {}
 
 

@@ -53,13 +53,14 @@ def error_response(status: int, type_: str, message: str, headers: dict[str, str
     return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
 
 
-def client_error(exc: Exception) -> JSONResponse | None:
-    """The JSON response for an error the client caused (or load shedding); None for anything else."""
+def client_error(exc: Exception) -> tuple[str, JSONResponse] | None:
+    """The error type and JSON response for an error the client caused (or load shedding);
+    None for anything else."""
     if isinstance(exc, ServiceError):
-        return error_response(exc.status, exc.type, exc.message, exc.headers)
+        return exc.type, error_response(exc.status, exc.type, exc.message, exc.headers)
     for cls, (status, type_) in STATUS_OF.items():
         if isinstance(exc, cls):
-            return error_response(status, type_, str(exc))
+            return type_, error_response(status, type_, str(exc))
     return None
 
 

@@ -53,10 +53,15 @@ def _send(req: urllib.request.Request, timeout: float) -> tuple[int, dict[str, s
             status, headers, raw = r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         status, headers, raw = e.code, dict(e.headers), e.read()
+    return status, headers, _parsed(raw)
+
+
+def _parsed(raw: bytes) -> Any:
+    """A response body as JSON, or as text when it is not JSON."""
     try:
-        return status, headers, json.loads(raw)
+        return json.loads(raw)
     except ValueError:
-        return status, headers, raw.decode("utf-8", "replace")
+        return raw.decode("utf-8", "replace")
 
 
 def box_iou(a: list[float], b: list[float]) -> float:
@@ -82,10 +87,7 @@ def request(url: str, method: str, path: str, body: Any = b"", headers: dict[str
         status, resp_headers, raw = resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
-    try:
-        return status, resp_headers, json.loads(raw)
-    except ValueError:
-        return status, resp_headers, raw.decode("utf-8", "replace")
+    return status, resp_headers, _parsed(raw)
 
 
 def raw_exchange(url: str, data: bytes, timeout: float = 30) -> tuple[int, dict[str, str], Any]:
@@ -109,11 +111,7 @@ def raw_exchange(url: str, data: bytes, timeout: float = 30) -> tuple[int, dict[
                 break
             raw += chunk
     status = int(lines[0].split()[1])
-    body = rest[: int(headers.get("content-length", len(rest)))]
-    try:
-        return status, headers, json.loads(body)
-    except ValueError:
-        return status, headers, body.decode("utf-8", "replace")
+    return status, headers, _parsed(rest[: int(headers.get("content-length", len(rest)))])
 
 
 def multipart_body(parts: list[tuple[str, str | None, bytes]], boundary: str = "testboundary") -> bytes:

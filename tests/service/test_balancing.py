@@ -11,7 +11,7 @@ import psutil
 
 from service.balancing import Balancer, create_file
 from tests.conftest import ROOT, start_server, stop_server
-from tests.service.helpers import jpeg, scene
+from tests.service.helpers import jpeg, multipart_body, scene
 
 
 def test_a_worker_holding_more_than_its_share_closes() -> None:
@@ -55,7 +55,7 @@ def test_two_workers_both_serve_keep_alive_clients(tmp_path: Path) -> None:
         assert len(workers) == 2
         cpu0 = {w.pid: sum(w.cpu_times()[:2]) for w in workers}
         data = jpeg(scene(3, 640, 480).image)
-        body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n" + data + b"\r\n--b--\r\n")
+        body = multipart_body([("image", "a.jpg", data)], boundary="b")
         headers = {"Content-Type": "multipart/form-data; boundary=b"}
         stop, closes = threading.Event(), []
         port = int(srv.url.rsplit(":", 1)[1])

@@ -121,12 +121,18 @@ def test_a_contract_error_stops_start_up_with_one_line(tiny_repo, tmp_path, edit
     bad = _with_contract(tiny_repo / "tiny-cls" / "1" / "model.onnx", tmp_path / "repo" / "bad" / "1" / "model.onnx", edit)
     with pytest.raises(ValueError):  # the document really is invalid
         ModelContract.from_json(json.dumps(json.loads({p.key: p.value for p in onnx.load(str(bad)).metadata_props}[METADATA_KEY])))
+    lines, log = _refused_start_up(tmp_path)
+    assert lines == [f"convserve: cannot start: {bad}: invalid model: {field}" + lines[0].split(field, 1)[1]], log
+    assert "Traceback" not in log
+
+
+def _refused_start_up(tmp_path: Path) -> tuple[list[str], str]:
+    """Start a server on tmp_path/repo that must refuse to start; its "cannot start" lines and whole log."""
     with pytest.raises(RuntimeError) as exc:
         start_server(tmp_path / "repo", tmp_path / "serve.log", timeout=90)
+    assert str(exc.value)
     log = (tmp_path / "serve.log").read_text()
-    lines = [ln for ln in log.splitlines() if "cannot start" in ln]
-    assert lines == [f"convserve: cannot start: {bad}: invalid model: {field}" + lines[0].split(field, 1)[1]], log
-    assert "Traceback" not in log and str(exc.value)
+    return [ln for ln in log.splitlines() if "cannot start" in ln], log
 
 
 def _one_row_classifier(path: Path, threshold: float = 200.0) -> Path:
@@ -174,20 +180,14 @@ def test_a_model_onnx_runtime_cannot_load_stops_start_up_with_one_line(tmp_path)
     proto = onnx.load(str(path))
     proto.ir_version = 99  # a file from a newer exporter than this ONNX Runtime reads
     onnx.save(proto, str(path))
-    with pytest.raises(RuntimeError):
-        start_server(tmp_path / "repo", tmp_path / "serve.log", timeout=90)
-    log = (tmp_path / "serve.log").read_text()
-    lines = [ln for ln in log.splitlines() if "cannot start" in ln]
+    lines, log = _refused_start_up(tmp_path)
     assert len(lines) == 1 and lines[0].startswith(f"convserve: cannot start: {path}: invalid model: ONNX Runtime cannot load it")
     assert "Traceback" not in log
 
 
 def test_a_model_that_fails_its_warm_up_stops_start_up_with_one_line(tmp_path) -> None:
     path = _one_row_classifier(tmp_path / "repo" / "fails" / "1" / "model.onnx", threshold=100.0)  # grey 114 is "bright"
-    with pytest.raises(RuntimeError):
-        start_server(tmp_path / "repo", tmp_path / "serve.log", timeout=90)
-    log = (tmp_path / "serve.log").read_text()
-    lines = [ln for ln in log.splitlines() if "cannot start" in ln]
+    lines, log = _refused_start_up(tmp_path)
     assert len(lines) == 1 and lines[0].startswith(f"convserve: cannot start: {path}: the model fails on a warm-up batch")
     assert "Traceback" not in log
 
