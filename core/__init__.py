@@ -6,3 +6,5 @@ and the task table that ties them together. It imports neither torch nor any HTT
 (tests/core/test_layering.py checks that), and raises the domain errors of core.errors only:
 mapping them to HTTP statuses is service/'s job, exiting the process is a ``main()``'s.
 """
+
+__version__ = "0.2.0"

@@ -30,7 +30,8 @@ PRECISIONS = ("fp32", "int8")  # model variants; export.quantize writes int8
 
 @dataclass(frozen=True)
 class InputSpec:
-    """The image tensor the graph takes: uint8 NHWC RGB of a fixed height and width."""
+    """The image tensor the graph takes: uint8 NHWC of a fixed height and width, RGB
+    (``channels`` 3) or greyscale (``channels`` 1, ``color`` "L"; uploads are converted)."""
 
     name: str
     height: int
@@ -38,7 +39,7 @@ class InputSpec:
     layout: str = "NHWC"
     dtype: str = "uint8"
     channels: int = 3
-    color: str = "RGB"
+    color: str = "RGB"               # RGB for 3 channels, L (greyscale) for 1
     resize: str = "stretch"          # stretch | letterbox (keep aspect, pad bottom/right)
     pad_value: int = 114             # letterbox fill, per channel
     normalized_in_graph: bool = True  # uint8 -> float and mean/std happen inside the graph
@@ -48,7 +49,9 @@ class InputSpec:
 class OutputSpec:
     """What the graph's outputs mean; which fields a task needs is in core.tasks.
 
-    classification: ``scores`` names [N, C] logits or probabilities (``kind``).
+    classification: ``scores`` names [N, C] logits or probabilities (``kind``); optionally
+      ``embedding`` [N, D] (the penultimate features, for similarity search) and ``cam``
+      [N, C, h, w] (a class activation map per class, >= 0, on the last feature grid).
     detection: ``boxes`` [N, K, 4] xyxy in model-input pixels, ``scores`` [N, K], ``labels``
       [N, K] (indices into labels), padded to K with score-0 rows.
     segmentation: ``masks`` names [N, C, H, W] mask_logits or an [N, H, W] class_map.
@@ -61,6 +64,8 @@ class OutputSpec:
     labels: str | None = None
     count: str | None = None
     masks: str | None = None
+    embedding: str | None = None
+    cam: str | None = None
     boxes_format: str = "xyxy"
     box_space: str = "input_pixels"
     max_detections: int | None = None
@@ -68,7 +73,8 @@ class OutputSpec:
 
     def tensor_names(self) -> list[str]:
         """The graph outputs this spec names, in a fixed order."""
-        return [n for n in (self.boxes, self.scores, self.labels, self.count, self.masks) if n]
+        return [n for n in (self.boxes, self.scores, self.labels, self.count, self.masks, self.embedding, self.cam)
+                if n]
 
 
 @dataclass(frozen=True)
@@ -147,12 +153,19 @@ class ModelContract:
             raise ContractError("batch.size: a fixed batch (batch.dynamic false) needs a size >= 1")
 
 
+COLORS = {3: "RGB", 1: "L"}  # channels -> the colour model the service converts uploads to
+
+
 def _validate_input(i: InputSpec) -> None:
-    fixed = {"layout": "NHWC", "dtype": "uint8", "channels": 3, "color": "RGB"}
+    fixed = {"layout": "NHWC", "dtype": "uint8"}
     for name, want in fixed.items():
         if getattr(i, name) != want:
-            raise ContractError(f"input.{name}: must be {want!r} (the service feeds uint8 NHWC RGB), "
+            raise ContractError(f"input.{name}: must be {want!r} (the service feeds uint8 NHWC), "
                                 f"got {getattr(i, name)!r}")
+    if i.channels not in COLORS:
+        raise ContractError(f"input.channels: must be 3 (RGB) or 1 (greyscale), got {i.channels!r}")
+    if i.color != COLORS[i.channels]:
+        raise ContractError(f"input.color: must be {COLORS[i.channels]!r} for {i.channels} channel(s), got {i.color!r}")
     if not i.name:
         raise ContractError("input.name: empty")
     for name in ("height", "width"):
@@ -266,8 +279,9 @@ def check_io(contract: ModelContract, inputs: Iterable[IOSpec], outputs: Iterabl
         raise ContractError(f"input.name: the graph's input is named {name!r}, the contract says {spec.name!r}")
     if etype != "tensor(uint8)":
         raise ContractError(f"input.dtype: the graph's input {name!r} is {etype}, not uint8")
-    if len(shape) != 4 or list(shape[1:]) != [spec.height, spec.width, 3]:
-        raise ContractError(f"input: the graph's input shape {shape} is not [N, {spec.height}, {spec.width}, 3]")
+    if len(shape) != 4 or list(shape[1:]) != [spec.height, spec.width, spec.channels]:
+        raise ContractError(f"input: the graph's input shape {shape} is not "
+                            f"[N, {spec.height}, {spec.width}, {spec.channels}]")
     n = shape[0]
     if contract.batch.dynamic and isinstance(n, int):
         raise ContractError(f"batch.dynamic: true, but the graph's batch axis is fixed at {n}")

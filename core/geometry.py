@@ -46,7 +46,8 @@ class Geometry:
 
 def resize_to_input(img: Image.Image, spec: InputSpec, orig_size: tuple[int, int] | None = None,
                     ) -> tuple[np.ndarray, Geometry]:
-    """Resize ``img`` (RGB) to the ``spec.height x spec.width x 3`` uint8 model input.
+    """Resize ``img`` (RGB, or L for one channel) to the ``spec.height x spec.width x spec.channels``
+    uint8 model input.
 
     ``orig_size`` is the client's image size when ``img`` was decoded at a reduced scale
     (JPEG draft); the returned Geometry always maps to the original size.
@@ -54,16 +55,21 @@ def resize_to_input(img: Image.Image, spec: InputSpec, orig_size: tuple[int, int
     width, height = spec.width, spec.height
     ow, oh = orig_size or img.size
     if spec.resize == "stretch":
-        arr = np.asarray(img.resize((width, height), Image.BILINEAR, reducing_gap=3.0))
+        arr = _hwc(np.asarray(img.resize((width, height), Image.BILINEAR, reducing_gap=3.0)))
         return arr, Geometry(ow, oh, width / ow, height / oh, width, height)
     if spec.resize != "letterbox":
         raise ValueError(f"unknown resize policy {spec.resize!r}")
     s = min(width / ow, height / oh)
     cw, ch = max(1, min(width, round(ow * s))), max(1, min(height, round(oh * s)))
-    resized = np.asarray(img.resize((cw, ch), Image.BILINEAR, reducing_gap=3.0))
-    arr = np.full((height, width, 3), spec.pad_value, np.uint8)
+    resized = _hwc(np.asarray(img.resize((cw, ch), Image.BILINEAR, reducing_gap=3.0)))
+    arr = np.full((height, width, resized.shape[2]), spec.pad_value, np.uint8)
     arr[:ch, :cw] = resized
     return arr, Geometry(ow, oh, cw / ow, ch / oh, cw, ch)
+
+
+def _hwc(arr: np.ndarray) -> np.ndarray:
+    """[H, W] (a greyscale image) -> [H, W, 1]; [H, W, C] as it is."""
+    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def resize_class_map(class_map: np.ndarray, geometry: Geometry) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Loading an image file or upload into an upright RGB image: the one decode everyone uses.
+"""Loading an image file or upload into an upright RGB (or greyscale) image: the one decode everyone uses.
 
 Training loaders, evaluation, the parity check, the benchmark's ceiling and the service all
 call :func:`load_image` (or :func:`load_input`, which also resizes to a model's input), so a
@@ -6,7 +6,8 @@ model sees in production exactly the pixels it was trained and evaluated on:
 
 - EXIF orientation is applied (phone photos come out upright);
 - every Pillow mode becomes RGB: alpha is composited over white, palette transparency too,
-  16-bit grey is scaled by 255/65535, CMYK/YCbCr/1-bit/L are converted by Pillow;
+  16-bit grey is scaled by 255/65535, CMYK/YCbCr/1-bit/L are converted by Pillow; a model
+  whose contract asks for one channel gets that RGB image converted to greyscale ("L");
 - a JPEG at least twice the size the model needs is decoded at a reduced DCT scale
   (``Image.draft``): several times faster, and the same in training as in serving;
 - byte and pixel limits are checked from the header, before any pixel is decoded, so a
@@ -42,7 +43,7 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeEr
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An upright RGB image and the size the client's image has after EXIF orientation."""
+    """An upright RGB (or "L") image and the size the client's image has after EXIF orientation."""
 
     image: Image.Image
     width: int   # original width after EXIF transpose (before any draft reduction)
@@ -51,8 +52,9 @@ class DecodedImage:
 
 
 def load_image(source: bytes | Path | str, *, max_bytes: int | None = None, max_pixels: int | None = None,
-               draft_to: int | None = None) -> DecodedImage:
-    """Decode ``source`` (the encoded bytes, or a file path) into an upright RGB image.
+               draft_to: int | None = None, color: str = "RGB") -> DecodedImage:
+    """Decode ``source`` (the encoded bytes, or a file path) into an upright RGB image
+    (``color`` "L": then converted to greyscale, for one-channel models).
 
     ``draft_to``: the largest side the model needs; a JPEG is decoded at the smallest DCT
     scale (1/2, 1/4, 1/8) that still leaves both sides at least this large.
@@ -86,6 +88,8 @@ def load_image(source: bytes | Path | str, *, max_bytes: int | None = None, max_
         if orientation != 1:  # exif_transpose copies the image even when there is nothing to do
             img = ImageOps.exif_transpose(img)
         img = to_rgb(img)
+        if color == "L":
+            img = img.convert("L")
         img.load()
     except _DECODE_ERRORS as exc:
         raise InvalidImage(f"the image data is truncated or corrupt: {exc}") from None
@@ -96,10 +100,11 @@ def load_input(source: bytes | Path | str, spec: InputSpec, *, max_bytes: int | 
                max_pixels: int | None = None) -> tuple[DecodedImage, np.ndarray, Geometry]:
     """:func:`load_image`, then resize to the model input ``spec``: what a model is fed.
 
-    Returns the decoded image, the uint8 [H, W, 3] input array and the Geometry that maps
+    Returns the decoded image, the uint8 [H, W, channels] input array and the Geometry that maps
     model-input coordinates back to the original image.
     """
-    decoded = load_image(source, max_bytes=max_bytes, max_pixels=max_pixels, draft_to=max(spec.width, spec.height))
+    decoded = load_image(source, max_bytes=max_bytes, max_pixels=max_pixels, draft_to=max(spec.width, spec.height),
+                         color=spec.color)
     arr, geometry = resize_to_input(decoded.image, spec, orig_size=(decoded.width, decoded.height))
     return decoded, arr, geometry
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from core.contract import InputSpec
 from core.geometry import Geometry, resize_class_map
 
 
@@ -29,6 +30,32 @@ def top_k(scores: np.ndarray, kind: str, labels: list[str], k: int) -> list[dict
     k = min(k, probs.shape[-1])
     idx = np.argsort(-probs)[:k]
     return [{"label": labels[i], "label_id": int(i), "score": round(float(probs[i]), 6)} for i in idx]
+
+
+def l2_normalize(vector: np.ndarray) -> np.ndarray:
+    """``vector`` / its L2 norm (a zero vector stays zero)."""
+    v = vector.astype(np.float64).reshape(-1)
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm > 0 else v
+
+
+def heatmap(cam: np.ndarray, geometry: Geometry, spec: InputSpec) -> np.ndarray:
+    """One class's activation map (an [h, w] grid over the model input) as uint8 at the
+    original image size: scaled so its maximum is 255, padding (letterbox) cropped off,
+    resized bilinearly."""
+    grid = Image.fromarray(np.ascontiguousarray(cam, dtype=np.float32), "F")
+    full = grid.resize((spec.width, spec.height), Image.BILINEAR)
+    content = full.crop((0, 0, geometry.content_width, geometry.content_height))
+    out = np.asarray(content.resize((geometry.orig_width, geometry.orig_height), Image.BILINEAR))
+    top = float(out.max())
+    if top <= 0:
+        return np.zeros(out.shape, np.uint8)
+    return np.clip(np.round(out * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def heatmap_png(cam: np.ndarray, geometry: Geometry, spec: InputSpec) -> str:
+    """:func:`heatmap` as a base64 greyscale PNG."""
+    return _png_base64(heatmap(cam, geometry, spec))
 
 
 def detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, geometry: Geometry,
@@ -71,8 +98,12 @@ def encode_polygons(binary: np.ndarray) -> list[list[float]]:
 
 def encode_png(cmap: np.ndarray) -> str:
     """The class-index map as a base64 single-channel PNG (pixel value = label_id)."""
+    return _png_base64(cmap)
+
+
+def _png_base64(grey: np.ndarray) -> str:
     buf = io.BytesIO()
-    Image.fromarray(cmap.astype(np.uint8), "L").save(buf, format="PNG", optimize=False, compress_level=3)
+    Image.fromarray(grey.astype(np.uint8), "L").save(buf, format="PNG", optimize=False, compress_level=3)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 Outputs = dict[str, "np.ndarray"]  # one image's (or one batch's) output tensors by graph output name
 MASK_FORMATS = ("rle", "polygon", "png")  # segmentation answers: core.postprocess.segments
+OUTPUT_FIELDS = ("scores", "boxes", "labels", "count", "masks", "embedding", "cam")  # OutputSpec's tensor fields
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Option:
     """A request option: parsed from a form field or query parameter, range-checked."""
 
     name: str
-    type: type  # int, float or str
+    type: type  # int, float, bool or str
     default: Any
     description: str
     minimum: float | None = None
@@ -47,6 +48,11 @@ class Option:
     def parse(self, raw: str) -> Any:
         """The typed value of ``raw``; InvalidOption naming this option otherwise."""
         text = raw.strip()
+        if self.type is bool:
+            lowered = text.lower()
+            if lowered not in _BOOLEANS:
+                raise InvalidOption(self.name, f"expected true or false, got {raw[:40]!r}")
+            return _BOOLEANS[lowered]
         if self.type is int:
             try:
                 value: Any = int(text)
@@ -71,7 +77,7 @@ class Option:
 
     def json_schema(self) -> dict[str, Any]:
         """This option as an OpenAPI/JSON schema."""
-        schema: dict[str, Any] = {"type": {int: "integer", float: "number", str: "string"}[self.type],
+        schema: dict[str, Any] = {"type": {int: "integer", float: "number", bool: "boolean", str: "string"}[self.type],
                                   "default": self.default, "description": self.description}
         if self.minimum is not None:
             schema["minimum"] = self.minimum
@@ -80,6 +86,9 @@ class Option:
         if self.choices:
             schema["enum"] = list(self.choices)
         return schema
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
 class Scorer(Protocol):
@@ -105,6 +114,7 @@ class Task(ABC):
     optional: tuple[str, ...] = ()                 # output fields that may be left out
     options: tuple[Option, ...] = field(default=())
     result_in_thread: bool = False  # the result costs milliseconds (masks): keep it off the event loop
+    requires: tuple[str, ...] = ()  # OutputSpec fields a model must name to be served by this endpoint
 
     # --- what the outputs are ---------------------------------------------------------
 
@@ -115,7 +125,7 @@ class Task(ABC):
         for name in self.image_ranks:
             if name not in self.optional and not getattr(spec, name):
                 raise ContractError(f"outputs.{name}: required for {self.name} (the graph output it names)")
-        others = [f for f in ("scores", "boxes", "labels", "count", "masks") if f not in self.image_ranks]
+        others = [f for f in OUTPUT_FIELDS if f not in self.image_ranks]
         for name in others:
             if getattr(spec, name):
                 raise ContractError(f"outputs.{name}: not an output of a {self.name} model")
@@ -149,6 +159,17 @@ class Task(ABC):
 
     # --- requests ---------------------------------------------------------------------
 
+    def serves(self, contract: "ModelContract") -> bool:
+        """Whether a model with ``contract`` can answer this endpoint (its task and outputs)."""
+        return contract.task == self.name and all(getattr(contract.outputs, f) for f in self.requires)
+
+    def check_request(self, contract: "ModelContract", options: Mapping[str, Any]) -> None:
+        """InvalidOption when ``options`` ask for something this model does not carry."""
+
+    def heavy_result(self, options: Mapping[str, Any]) -> bool:
+        """Whether computing the result takes milliseconds (then it runs off the event loop)."""
+        return self.result_in_thread
+
     def parse_options(self, raw: Mapping[str, str]) -> dict[str, Any]:
         """Typed options from raw strings (form fields or query parameters); defaults filled in.
         Unknown names are InvalidOption errors."""
@@ -178,12 +199,26 @@ class Task(ABC):
 
 @dataclass(frozen=True)
 class Classification(Task):
+    def check_request(self, contract: "ModelContract", options: Mapping[str, Any]) -> None:
+        if options.get("cam") and not contract.outputs.cam:
+            raise InvalidOption("cam", "this model carries no class activation maps (export it with --cam; "
+                                "/models lists each model's outputs)")
+
+    def heavy_result(self, options: Mapping[str, Any]) -> bool:
+        return bool(options.get("cam"))
+
     def result(self, outputs: Outputs, geometry: Geometry, contract: "ModelContract",
                options: Mapping[str, Any]) -> dict[str, Any]:
         from core import postprocess
 
         o = contract.outputs
-        return {"labels": postprocess.top_k(outputs[o.scores], o.kind, contract.labels, options["top_k"])}
+        labels = postprocess.top_k(outputs[o.scores], o.kind, contract.labels, options["top_k"])
+        if options.get("cam"):
+            for label in labels:
+                label["heatmap_png"] = postprocess.heatmap_png(outputs[o.cam][label["label_id"]], geometry,
+                                                               contract.input)
+        return {"labels": labels}
+
 
     def read_dataset(self, root: Path, verify: bool = True) -> ImageFolder:
         from core.datasets import ImageFolder
@@ -195,6 +230,24 @@ class Classification(Task):
         if unknown:
             raise DatasetError(f"{dataset.root}: class folders {unknown} are not among the model's labels {contract.labels}")
         return _ClassificationScorer(contract, [contract.labels.index(c) for c in dataset.classes])
+
+
+@dataclass(frozen=True)
+class Embedding(Classification):
+    """/embed: a classifier's penultimate features, L2-normalised (similarity search)."""
+
+    def check_request(self, contract: "ModelContract", options: Mapping[str, Any]) -> None:
+        pass
+
+    def heavy_result(self, options: Mapping[str, Any]) -> bool:
+        return False
+
+    def result(self, outputs: Outputs, geometry: Geometry, contract: "ModelContract",
+               options: Mapping[str, Any]) -> dict[str, Any]:
+        from core import postprocess
+
+        vector = postprocess.l2_normalize(outputs[contract.outputs.embedding])
+        return {"embedding": [round(float(v), 7) for v in vector], "dimensions": int(vector.shape[0])}
 
 
 class _ClassificationScorer:
@@ -315,13 +368,16 @@ class _SegmentationScorer:
 # --- the table ---------------------------------------------------------------------------
 
 _MODEL = Option("model", str, "", "model name or name:version; empty = the default model of this task")
+_CLASSIFICATION_RANKS = {"scores": {"*": 1}, "embedding": {"*": 1}, "cam": {"*": 3}}
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Classification(
         name="classification", endpoint="classify", result_key="labels", metric="top1", default_resize="stretch",
         summary="Top-k labels with softmax scores, best first.",
-        kinds=("logits", "probabilities"), image_ranks={"scores": {"*": 1}},
-        options=(_MODEL, Option("top_k", int, 5, "how many labels to return, best first", 1, 1000))),
+        kinds=("logits", "probabilities"), image_ranks=_CLASSIFICATION_RANKS, optional=("embedding", "cam"),
+        options=(_MODEL, Option("top_k", int, 5, "how many labels to return, best first", 1, 1000),
+                 Option("cam", bool, False, "also return, per label, heatmap_png: its class activation map as a "
+                        "base64 greyscale PNG at the original image size (models exported with --cam)"))),
     Detection(
         name="detection", endpoint="detect", result_key="detections", metric="map_50", default_resize="letterbox",
         summary="Boxes [x1, y1, x2, y2] in original image pixels, with label and score, best first.",
@@ -339,3 +395,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
                                 "png: one base64 class-index PNG", choices=MASK_FORMATS))),
 )}
 BY_ENDPOINT: dict[str, Task] = {t.endpoint: t for t in TASKS.values()}
+# Every POST route: one per task, plus /embed (classification models exported with an embedding).
+ENDPOINTS: dict[str, Task] = {**BY_ENDPOINT, "embed": Embedding(
+    name="classification", endpoint="embed", result_key="embedding", metric="top1", default_resize="stretch",
+    summary="The image's embedding: a classifier's penultimate features, L2-normalised (cosine similarity = dot product).",
+    kinds=("logits", "probabilities"), image_ranks=_CLASSIFICATION_RANKS, optional=("embedding", "cam"),
+    requires=("embedding",), options=(Option("model", str, "", "model name or name:version; empty = the first "
+                                             "classification model with an embedding output"),))}
