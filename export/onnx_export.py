@@ -3,10 +3,12 @@
 Usage::
 
     python -m export.onnx_export runs/shapes-classifier/best.pt --name shapes-classifier \\
-        --version 1 --parity-data data/cls/val [--models-dir models] [--fixed-batch N]
+        --version 1 --parity-data data/cls/val [--models-dir models] [--fixed-batch N] [--embedding] [--cam]
 
-The graph takes uint8 NHWC RGB (normalisation inside) with a dynamic batch axis, or a
-fixed one with ``--fixed-batch``; it carries the model contract (core/contract.py) in
+The graph takes uint8 NHWC RGB, or one greyscale channel for a model trained on greyscale
+data (normalisation inside), with a dynamic batch axis, or a fixed one with
+``--fixed-batch``; a classifier can add the extra outputs ``--embedding`` (its penultimate
+features, for /embed) and ``--cam`` (class activation maps, for /classify?cam=true); it carries the model contract (core/contract.py) in
 metadata_props under "convserve", passes onnx.checker, and must agree with PyTorch on real
 images from ``--parity-data`` (export/parity.py states the tolerances). Otherwise nothing
 is written and the command fails.
@@ -38,20 +40,23 @@ from training.models import ConvNet, build_model
 OPSET = 17
 
 
-def load_checkpoint(path: Path) -> tuple[ConvNet, dict[str, Any], dict[str, Any]]:
-    """(model in eval mode, training config, validation metrics) from a training checkpoint."""
+def load_checkpoint(path: Path, extras: list[str] | tuple[str, ...] = ()) -> tuple[ConvNet, dict[str, Any], dict[str, Any]]:
+    """(model in eval mode, training config, validation metrics) from a training checkpoint;
+    ``extras``: extra graph outputs to export (ConvNet.with_extras)."""
     ck = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ck["config"]
-    model = build_model(cfg["task"], cfg["arch"], len(cfg["classes"]), cfg.get("width_mult", 1.0))
+    model = build_model(cfg["task"], cfg["arch"], len(cfg["classes"]), cfg.get("width_mult", 1.0),
+                        channels=cfg.get("channels") or 3)
     model.load_state_dict(ck["model"])
-    return model.eval(), cfg, ck.get("metrics", {})
+    return model.with_extras(extras).eval(), cfg, ck.get("metrics", {})
 
 
 def provenance(cfg: dict[str, Any], metrics: dict[str, Any], dataset: str, checkpoint_sha256: str) -> dict[str, Any]:
     """Where the model came from: architecture, data, training settings and validation metrics."""
     return {
         "architecture": cfg["arch"], "width_mult": cfg.get("width_mult", 1.0), "dataset": dataset,
-        "training": {k: cfg[k] for k in ("epochs", "batch_size", "lr", "seed", "train", "val") if k in cfg},
+        "training": {k: cfg[k] for k in ("epochs", "batch_size", "lr", "seed", "train", "val", "weights", "freeze")
+                     if cfg.get(k) is not None},
         "metrics": metrics, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "checkpoint_sha256": checkpoint_sha256, "torch": torch.__version__, "opset": OPSET,
     }
@@ -61,7 +66,7 @@ def to_onnx(module: nn.Module, model: ConvNet, contract: ModelContract, path: Pa
     """TorchScript-based export (dynamo=False: the dynamo exporter fails inside torchvision's NMS)."""
     names = contract.outputs.tensor_names()
     i = contract.input
-    dummy = torch.full((contract.batch.size or 2, i.height, i.width, 3), 114, dtype=torch.uint8)
+    dummy = torch.full((contract.batch.size or 2, i.height, i.width, i.channels), 114, dtype=torch.uint8)
     if contract.batch.dynamic:
         axes: dict[str, dict[int, str]] | None = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in names}}
     elif not model.batchable:  # one image per call, outputs without a batch axis: the detection count varies
@@ -86,15 +91,16 @@ def attach_contract(path: Path, contract: ModelContract) -> onnx.ModelProto:
 
 def export(checkpoint: Path, name: str, version: str, models_dir: Path, dataset: str,
            parity_data: Path | None, parity_images: int = 16, fixed_batch: int | None = None,
-           ) -> tuple[Path, dict[str, Any]]:
+           extras: list[str] | tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
     """Export ``checkpoint`` to ``models_dir/name/version/model.onnx``; returns (path, parity report).
 
-    Raises ParityError (PyTorch and ONNX Runtime disagree) or ContractError before anything
-    is written; the file appears at its final path in one rename.
+    ``extras``: extra outputs (embedding, cam) for a classifier. Raises ParityError (PyTorch
+    and ONNX Runtime disagree) or ContractError before anything is written; the file
+    appears at its final path in one rename.
     """
-    model, cfg, metrics = load_checkpoint(checkpoint)
+    model, cfg, metrics = load_checkpoint(checkpoint, extras)
     sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    contract = graph_contract(model, cfg["task"], cfg["classes"], cfg["size"], fixed_batch)
+    contract = graph_contract(model, cfg["task"], cfg["classes"], cfg["size"], fixed_batch, cfg.get("channels") or 3)
     contract = contract.with_provenance(**provenance(cfg, metrics, dataset, sha))
     out = models_dir / name / version / "model.onnx"
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,10 +126,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parity-data", type=Path, help="dataset directory with real images for the parity check")
     p.add_argument("--parity-images", type=int, default=16)
     p.add_argument("--fixed-batch", type=int, help="export a graph that always takes this many images")
+    p.add_argument("--embedding", action="store_true", help="classifiers: add the penultimate features as the "
+                   "output 'embedding' (served by /embed)")
+    p.add_argument("--cam", action="store_true", help="classifiers: add class activation maps (Grad-CAM, in the "
+                   "graph) as the output 'cam' (served by /classify with cam=true)")
     a = p.parse_args(argv)
+    extras = [name for name, on in (("embedding", a.embedding), ("cam", a.cam)) if on]
     try:
         out, report = export(a.checkpoint, a.name, a.version, a.models_dir, a.dataset, a.parity_data,
-                             a.parity_images, a.fixed_batch)
+                             a.parity_images, a.fixed_batch, extras)
     except ParityError as exc:
         print(f"parity check failed, nothing written: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

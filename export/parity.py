@@ -15,6 +15,7 @@ worst of these on either kind of CPU, while a real export fault (a missing layer
 normalisation, other weights: tests/export perturbs the weights) moves outputs by 1e-2 to 1e0.
 
 - classification: every logit within ATOL + RTOL*|logit|, and identical top-1 for every image;
+  the extra outputs (embedding, class activation maps), when exported, within the same bound;
 - segmentation: every mask logit within the same bound, argmax equal on >= 99.9% of pixels
   (a pixel whose two best classes tie within the bound may flip);
 - detection: scores are sigmoids of heatmap logits (slope <= 1/4), so the same bound holds
@@ -74,7 +75,15 @@ def _compare_dense(contract: ModelContract, torch_out: list[Outputs], ort_out: l
     agree = float((r.argmax(axis) == g.argmax(axis)).mean())
     if agree < need:
         raise ParityError(f"argmax agrees on {agree:.4%} only (need {need:.1%})")
-    return {"max_abs_diff": diff, "argmax_agreement": agree}
+    report: dict[str, Any] = {"max_abs_diff": diff, "argmax_agreement": agree}
+    for extra in contract.outputs.tensor_names()[1:]:  # embedding, cam
+        r = np.stack([o[extra] for o in torch_out])
+        g = np.stack([o[extra] for o in ort_out])
+        if (np.abs(r - g) > _tolerance(r)).any():
+            raise ParityError(f"output {extra!r} differs by up to {float(np.abs(r - g).max()):.3g} "
+                              f"(bound {ATOL} + {RTOL}*|x|)")
+        report[f"{extra}_max_abs_diff"] = float(np.abs(r - g).max())
+    return report
 
 
 def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -88,7 +88,7 @@ def images_per_second(path: Path, contract: ModelContract, batch: int = 8, secon
     model = OnnxModel.load(path, "speed", "0", "cpu", 1)
     i = contract.input
     size = min(batch, contract.batch.max_size or batch)
-    x = np.random.default_rng(0).integers(0, 256, (size, i.height, i.width, 3), dtype=np.uint8)
+    x = np.random.default_rng(0).integers(0, 256, (size, i.height, i.width, i.channels), dtype=np.uint8)
     model.infer(x)
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

@@ -16,19 +16,36 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from core.contract import InputSpec
+from core.contract import COLORS, InputSpec
 from core.datasets import CocoDetection, CocoImage, ImageFolder, SegmentationFolder
 from core.errors import DatasetError, ImageTooLarge, InvalidImage
 from core.imaging import load_input
 from core.tasks import TASKS
 
 __all__ = ["DatasetError", "ImageFolderDataset", "SegmentationDataset", "CocoDetectionDataset",
-           "detection_collate", "input_spec", "seed_worker"]
+           "data_channels", "detection_collate", "input_spec", "seed_worker"]
 
 
-def input_spec(task: str, height: int, width: int) -> InputSpec:
+def input_spec(task: str, height: int, width: int, channels: int = 3) -> InputSpec:
     """The model input a ``task`` model of this size takes (resize policy from core.tasks)."""
-    return InputSpec(name="images", height=height, width=width, resize=TASKS[task].default_resize)
+    return InputSpec(name="images", height=height, width=width, resize=TASKS[task].default_resize,
+                     channels=channels, color=COLORS[channels])
+
+
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_READERS = {"classification": ImageFolder, "segmentation": SegmentationFolder, "detection": CocoDetection}
+
+
+def data_channels(task: str, root: Path | str) -> int:
+    """1 when every image of the dataset at ``root`` is greyscale (read from the headers), else 3."""
+    for sample in _READERS[task](root, verify=False).samples:
+        try:
+            with Image.open(sample.image) as img:
+                if img.mode not in GREY_MODES:
+                    return 3
+        except OSError:
+            continue  # the loaders report unreadable files with their names
+    return 1
 
 
 def _load(path: Path, spec: InputSpec):  # noqa: ANN202 - (decoded, array, geometry)
@@ -51,10 +68,10 @@ class ImageFolderDataset(Dataset):
     """Classification: one sub-folder per class. ``classes`` pins the order (e.g. for val)."""
 
     def __init__(self, root: Path | str, size: tuple[int, int], classes: list[str] | None = None,
-                 augment: bool = False, verify: bool = True) -> None:
+                 augment: bool = False, verify: bool = True, channels: int = 3) -> None:
         self.data = ImageFolder(root, classes, verify)
         self.classes, self.samples = self.data.classes, self.data.samples
-        self.spec, self.augment = input_spec("classification", *size), augment
+        self.spec, self.augment = input_spec("classification", *size, channels), augment
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -70,10 +87,11 @@ class ImageFolderDataset(Dataset):
 class SegmentationDataset(Dataset):
     """Semantic segmentation: image/mask pairs; masks resized (nearest) with their images."""
 
-    def __init__(self, root: Path | str, size: tuple[int, int], augment: bool = False, verify: bool = True) -> None:
+    def __init__(self, root: Path | str, size: tuple[int, int], augment: bool = False, verify: bool = True,
+                 channels: int = 3) -> None:
         self.data = SegmentationFolder(root, verify)
         self.classes, self.samples = self.data.classes, self.data.samples
-        self.spec, self.augment = input_spec("segmentation", *size), augment
+        self.spec, self.augment = input_spec("segmentation", *size, channels), augment
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -92,10 +110,11 @@ class SegmentationDataset(Dataset):
 class CocoDetectionDataset(Dataset):
     """COCO instances: letterboxed images, boxes xyxy in model-input pixels, label indices."""
 
-    def __init__(self, root: Path | str, size: tuple[int, int], augment: bool = False, verify: bool = True) -> None:
+    def __init__(self, root: Path | str, size: tuple[int, int], augment: bool = False, verify: bool = True,
+                 channels: int = 3) -> None:
         self.data = CocoDetection(root, verify)
         self.classes, self.samples = self.data.classes, self.data.samples
-        self.spec, self.augment = input_spec("detection", *size), augment
+        self.spec, self.augment = input_spec("detection", *size, channels), augment
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.contract import BatchSpec, InputSpec, ModelContract
+from core.contract import COLORS, BatchSpec, InputSpec, ModelContract
 from core.evaluation import Predict
 from core.tasks import TASKS, Outputs
 from training.models import ConvNet
@@ -22,7 +22,7 @@ BACKGROUND = "__background__"
 
 
 def graph_contract(model: ConvNet, task: str, classes: list[str], size: int,
-                   fixed_batch: int | None = None) -> ModelContract:
+                   fixed_batch: int | None = None, channels: int = 3) -> ModelContract:
     """The contract of ``model``'s exported graph (provenance left for the exporter to add).
 
     ``fixed_batch``: export a graph that always takes this many images (some accelerators
@@ -34,7 +34,8 @@ def graph_contract(model: ConvNet, task: str, classes: list[str], size: int,
         fixed_batch = 1
     labels = [BACKGROUND, *classes] if model.background_label else list(classes)
     resize = TASKS[task].default_resize
-    inp = InputSpec(name=INPUT_NAME, height=size, width=size, resize=resize)
+    inp = InputSpec(name=INPUT_NAME, height=size, width=size, resize=resize, channels=channels or 3,
+                    color=COLORS[channels or 3])
     batch = BatchSpec(dynamic=True) if fixed_batch is None else BatchSpec(dynamic=False, size=fixed_batch)
     contract = ModelContract(task=task, labels=labels, input=inp, outputs=model.output_spec, batch=batch)
     contract.validate()

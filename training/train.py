@@ -34,9 +34,10 @@ from tqdm import tqdm
 from core.errors import DatasetError
 from core.evaluation import evaluate as evaluate_predictions
 from core.tasks import TASKS
-from training.datasets import CocoDetectionDataset, ImageFolderDataset, SegmentationDataset, detection_collate, seed_worker
+from training.datasets import (CocoDetectionDataset, ImageFolderDataset, SegmentationDataset, data_channels,
+                               detection_collate, seed_worker)
 from training.graph import graph_contract, predictor
-from training.models import DEFAULT_ARCH, ConvNet, build_model
+from training.models import DEFAULT_ARCH, ConvNet, build_model, default_size
 
 DATASETS: dict[str, type[Dataset]] = {"classification": ImageFolderDataset, "segmentation": SegmentationDataset,
                                       "detection": CocoDetectionDataset}
@@ -51,6 +52,8 @@ class TrainConfig:
     arch: str
     size: int = 128
     width_mult: float = 1.0
+    channels: int = 0                 # 1 (greyscale) or 3; 0: from the data (training.datasets.data_channels)
+    freeze: str | None = None         # "backbone": feature extraction, only the new head trains
     epochs: int = 10
     batch_size: int = 32
     lr: float = 3e-3
@@ -82,8 +85,8 @@ def make_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
     """(train, val) datasets; the validation set must list the training set's classes."""
     dataset = DATASETS[cfg.task]
     size = (cfg.size, cfg.size)
-    train_ds = dataset(cfg.train, size, augment=True)
-    val_ds = dataset(cfg.val, size)
+    train_ds = dataset(cfg.train, size, augment=True, channels=cfg.channels or 3)
+    val_ds = dataset(cfg.val, size, channels=cfg.channels or 3)
     if val_ds.classes != train_ds.classes:
         raise DatasetError(f"{cfg.val}: classes {val_ds.classes} differ from the training set's {train_ds.classes}")
     return train_ds, val_ds
@@ -119,7 +122,7 @@ def train_one_epoch(model: ConvNet, optimizer: torch.optim.Optimizer, scheduler:
 def evaluate(model: ConvNet, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """The task's metrics on ``cfg.val``: core.evaluation over the module export writes."""
     model.eval()
-    contract = graph_contract(model, cfg.task, cfg.classes, cfg.size)
+    contract = graph_contract(model, cfg.task, cfg.classes, cfg.size, channels=cfg.channels)
     return evaluate_predictions(predictor(model, contract, device), contract, cfg.val, cfg.batch_size)
 
 
@@ -140,14 +143,18 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     """Run training; returns the best validation metrics. Checkpoints go to ``out``."""
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    if not cfg.channels:
+        cfg.channels = data_channels(cfg.task, cfg.train)
     train_ds, _ = make_datasets(cfg)
     cfg.classes = list(train_ds.classes)
     train_dl = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers,
                           collate_fn=COLLATE.get(cfg.task), generator=torch.Generator().manual_seed(cfg.seed),
                           drop_last=len(train_ds) > cfg.batch_size, persistent_workers=cfg.workers > 0,
                           worker_init_fn=seed_worker)
-    model = build_model(cfg.task, cfg.arch, len(cfg.classes), cfg.width_mult, cfg.weights).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = build_model(cfg.task, cfg.arch, len(cfg.classes), cfg.width_mult, cfg.weights, cfg.channels,
+                        cfg.freeze).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * len(train_dl)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
@@ -197,8 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val", required=True, help="validation dataset directory (same format)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
     p.add_argument("--arch", help="architecture (default per task: %s)" % DEFAULT_ARCH)
-    p.add_argument("--size", type=int, default=128, help="square model input side in pixels (default 128)")
-    p.add_argument("--width-mult", type=float, default=1.0, help="MobileNetV3 width multiplier (default 1.0)")
+    p.add_argument("--size", type=int, help="square model input side in pixels (default: the architecture's, "
+                   "32 for lenet5, 224 for the other classifiers and the segmenters, 256 for CenterNet)")
+    p.add_argument("--width-mult", type=float, default=1.0,
+                   help="width multiplier for MobileNetV3, AlexNet and VGG (default 1.0: the published widths)")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="input channels (default: 1 if every training "
+                   "image is greyscale, else 3)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle, AdamW)")
@@ -206,12 +217,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--weights", help="local state-dict file to initialise from (optional)")
+    p.add_argument("--weights", help="local state-dict file to start from (torchvision's format or a checkpoint of "
+                   "ours): fine-tuning; the head is replaced when the class count differs")
+    p.add_argument("--freeze", choices=["backbone"], help="with --weights: train only the new head (feature extraction)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     a = p.parse_args(argv)
-    cfg = TrainConfig(task=a.task, train=a.train, val=a.val, arch=a.arch or DEFAULT_ARCH[a.task], size=a.size,
-                      width_mult=a.width_mult, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+    arch = a.arch or DEFAULT_ARCH[a.task]
+    cfg = TrainConfig(task=a.task, train=a.train, val=a.val, arch=arch, size=a.size or default_size(arch),
+                      width_mult=a.width_mult, channels=a.channels or 0, freeze=a.freeze, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                       weight_decay=a.weight_decay, seed=a.seed, workers=a.workers, device=a.device,
                       weights=a.weights, max_steps=a.max_steps)
     try:
@@ -219,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     except DatasetError as exc:
         print(f"dataset error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except ValueError as exc:  # an unknown architecture, --device cuda without CUDA, ...
+    except ValueError as exc:  # an unknown architecture, a weights file that does not fit, --device cuda without CUDA, ...
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     print(json.dumps({"best": best, "checkpoint": str(a.out / "best.pt")}))

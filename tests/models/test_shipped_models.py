@@ -36,7 +36,7 @@ def test_shipped_model_obeys_contract_and_runs(entry: ModelEntry) -> None:
     model = OnnxModel.load(entry.path, entry.name, entry.version, "cpu", 2)
     n = 3
     i = contract.input
-    outputs = model.infer(np.random.default_rng(0).integers(0, 256, (n, i.height, i.width, 3), np.uint8))
+    outputs = model.infer(np.random.default_rng(0).integers(0, 256, (n, i.height, i.width, i.channels), np.uint8))
     assert len(outputs) == n
     task, o = TASKS[contract.task], contract.outputs
     for field, tensor in task.named_outputs(o).items():

@@ -1,0 +1,235 @@
+"""The classification architectures, each split into convolutional features and a head.
+
+Every classifier here is a torchvision network (or, for LeNet-5, a module laid out the same
+way) seen as ``features(x) -> [N, K, h, w]`` followed by a head: a plain sequence of
+pooling, flatten, linear, activation and dropout layers. That split is what makes the
+optional graph outputs computable without gradients:
+
+- the **embedding** is the head's input to its last linear layer (the penultimate
+  features, e.g. ResNet's 512 pooled features, VGG's second 4096-wide layer);
+- the **class activation map** of class c is Grad-CAM (Selvaraju et al. 2017): the ReLU of
+  the feature maps weighted by the mean gradient of logit c over each map. The head is
+  piecewise linear or smooth, so that gradient is a product of its weight matrices and its
+  activation derivatives, written out in :func:`head_outputs` and exported as ordinary ONNX
+  operations. For a global-average-pool + linear head (ResNet, GoogLeNet) it is exactly
+  CAM (Zhou et al. 2016) scaled by 1/(h*w).
+
+The networks keep torchvision's module names, so torchvision state dicts (ImageNet weights
+downloaded elsewhere) load into them unchanged; ``width_mult`` < 1 narrows the classic
+networks (AlexNet, VGG) for tests and small data, at the cost of that compatibility.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models as tvm
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al. 1998) as courses teach it today: two 5x5 convolutions with
+    2x2 max pooling, then 120, 84 and ``num_classes`` fully connected units, ReLU throughout.
+    Made for 32x32 inputs; other sizes are pooled to the 5x5 grid the first linear layer expects."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.avgpool = nn.AdaptiveAvgPool2d((5, 5))
+        self.classifier = nn.Sequential(
+            nn.Linear(16 * 5 * 5, 120), nn.ReLU(inplace=True), nn.Linear(120, 84), nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _scaled(c: int, w: float, minimum: int = 8) -> int:
+    return max(minimum, int(round(c * w)))
+
+
+def _init_linear(layers: nn.Sequential) -> nn.Sequential:
+    for m in layers:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.constant_(m.bias, 0)
+    return layers
+
+
+def _mlp(cin: int, hidden: int, num_classes: int, dropout_first: bool) -> nn.Sequential:
+    """torchvision's AlexNet/VGG classifier layout with ``hidden`` units (4096 there)."""
+    if dropout_first:  # AlexNet
+        return _init_linear(nn.Sequential(nn.Dropout(0.5), nn.Linear(cin, hidden), nn.ReLU(True), nn.Dropout(0.5),
+                                          nn.Linear(hidden, hidden), nn.ReLU(True), nn.Linear(hidden, num_classes)))
+    return _init_linear(nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(True), nn.Dropout(0.5),
+                                      nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(0.5),
+                                      nn.Linear(hidden, num_classes)))
+
+
+def alexnet(num_classes: int, width_mult: float = 1.0) -> nn.Module:
+    """torchvision's AlexNet; ``width_mult`` scales every layer's channels and units."""
+    net = tvm.alexnet(weights=None, num_classes=num_classes)
+    if width_mult != 1.0:
+        c = [_scaled(v, width_mult) for v in (64, 192, 384, 256, 256)]
+        net.features = nn.Sequential(
+            nn.Conv2d(3, c[0], 11, 4, 2), nn.ReLU(True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(c[0], c[1], 5, padding=2), nn.ReLU(True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(c[1], c[2], 3, padding=1), nn.ReLU(True),
+            nn.Conv2d(c[2], c[3], 3, padding=1), nn.ReLU(True),
+            nn.Conv2d(c[3], c[4], 3, padding=1), nn.ReLU(True), nn.MaxPool2d(3, 2))
+        net.classifier = _mlp(c[4] * 36, _scaled(4096, width_mult, 16), num_classes, dropout_first=True)
+    return net
+
+
+_VGG_CFG = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
+
+
+def vgg(arch: str, num_classes: int, width_mult: float = 1.0) -> nn.Module:
+    """torchvision's VGG (``vgg16_bn``: with batch norm); ``width_mult`` scales channels and units."""
+    batch_norm = arch.endswith("_bn")
+    if width_mult == 1.0:
+        return getattr(tvm, arch)(weights=None, num_classes=num_classes)
+    cfg = [v if v == "M" else _scaled(v, width_mult) for v in tvm.vgg.cfgs[_VGG_CFG[arch.removesuffix("_bn")]]]
+    net = tvm.vgg.VGG(tvm.vgg.make_layers(cfg, batch_norm=batch_norm), num_classes=num_classes)
+    net.classifier = _mlp(int(cfg[-2]) * 49, _scaled(4096, width_mult, 16), num_classes, dropout_first=False)
+    return net
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one kind of network splits: its conv features, its head, its last layer's name."""
+
+    features: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    head: Callable[[nn.Module], list[nn.Module]]
+    last_layer: tuple[str, ...]   # state-dict prefixes of the class-count-sized layers (replaced on transfer)
+    first_conv: Callable[[nn.Module], nn.Conv2d]
+
+
+def _resnet_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
+_GOOGLENET_BLOCKS = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
+                     "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
+                     "inception5a", "inception5b")
+
+
+def _googlenet_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    for name in _GOOGLENET_BLOCKS:  # GoogLeNet._forward in eval mode, without the auxiliary heads
+        x = getattr(net, name)(x)
+    return x
+
+
+def _sequential_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net.features(x)
+
+
+def _pooled_head(net: nn.Module) -> list[nn.Module]:
+    return [net.avgpool, nn.Flatten(1), *net.classifier]
+
+
+FAMILIES: dict[str, Family] = {
+    "resnet": Family(_resnet_features, lambda n: [n.avgpool, nn.Flatten(1), n.fc], ("fc.",), lambda n: n.conv1),
+    "googlenet": Family(_googlenet_features, lambda n: [n.avgpool, nn.Flatten(1), n.dropout, n.fc],
+                        ("fc.", "aux1.fc2.", "aux2.fc2."), lambda n: n.conv1.conv),
+    "mobilenet_v3": Family(_sequential_features, _pooled_head, ("classifier.3.",), lambda n: n.features[0][0]),
+    "vgg": Family(_sequential_features, _pooled_head, ("classifier.6.",), lambda n: n.features[0]),
+    "alexnet": Family(_sequential_features, _pooled_head, ("classifier.6.",), lambda n: n.features[0]),
+    "lenet5": Family(_sequential_features, _pooled_head, ("classifier.4.",), lambda n: n.features[0]),
+}
+
+
+def family_of(arch: str) -> Family:
+    for prefix, family in FAMILIES.items():
+        if arch.startswith(prefix):
+            return family
+    raise ValueError(f"no classifier family for {arch!r}")
+
+
+def build_network(arch: str, num_classes: int, width_mult: float, channels: int) -> nn.Module:
+    """The torchvision-style network for ``arch`` (random init)."""
+    if arch == "lenet5":
+        return LeNet5(num_classes, in_channels=channels)
+    if arch.startswith("mobilenet_v3"):
+        return getattr(tvm, arch)(weights=None, num_classes=num_classes, width_mult=width_mult)
+    if arch == "alexnet":
+        return alexnet(num_classes, width_mult)
+    if arch.startswith("vgg"):
+        return vgg(arch, num_classes, width_mult)
+    if arch == "googlenet":
+        # Auxiliary heads train (their loss is added, weight 0.3) and are left out of the
+        # exported graph; transform_input stays off: normalisation is ours (Normalize).
+        return tvm.googlenet(weights=None, num_classes=num_classes, aux_logits=True, init_weights=True,
+                             transform_input=False)
+    return getattr(tvm, arch)(weights=None, num_classes=num_classes)
+
+
+CLASSIFIERS = ("lenet5", "alexnet", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "googlenet", "resnet18", "resnet34",
+               "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
+
+
+# --- the head, its embedding and its class activation maps --------------------------------
+
+def _activation_grad(layer: nn.Module, z: torch.Tensor) -> torch.Tensor | None:
+    """d layer(z) / dz elementwise, or None for layers that are the identity at eval time."""
+    if isinstance(layer, nn.ReLU):
+        return (z > 0).to(z.dtype)
+    if isinstance(layer, nn.Hardswish):
+        return torch.where(z < -3, torch.zeros_like(z), torch.where(z > 3, torch.ones_like(z), (2 * z + 3) / 6))
+    if isinstance(layer, nn.Tanh):
+        return 1 - torch.tanh(z) ** 2
+    if isinstance(layer, nn.Sigmoid):
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+    if isinstance(layer, (nn.Dropout, nn.Identity)):
+        return None
+    raise TypeError(f"no gradient rule for head layer {layer.__class__.__name__}")
+
+
+def head_outputs(head: list[nn.Module], features: torch.Tensor, want_cam: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Run ``head`` on ``features`` [N, K, h, w]: (logits [N, C], embedding [N, D], cam [N, C, h, w] or None).
+
+    The CAM needs d logits / d features, averaged over each map; it is computed backwards
+    through the head's layers (linear: multiply by the weight; activation: by its
+    derivative at the recorded input; flatten: reshape; average pooling: every pooled cell
+    weighs its window in, so the mean gradient over the map is the pooled gradients' sum / (h*w))."""
+    inputs: list[torch.Tensor] = []
+    x = features
+    for layer in head:
+        inputs.append(x)
+        x = layer(x.clone() if getattr(layer, "inplace", False) else x)  # keep the recorded input intact
+    logits = x
+    last = max(i for i, layer in enumerate(head) if isinstance(layer, nn.Linear))
+    embedding = inputs[last]
+    if not want_cam:
+        return logits, embedding, None
+    n, k, h, w = features.shape
+    grad: torch.Tensor | None = None  # [N, C, d]: d logits / d (the current layer's input)
+    alpha: torch.Tensor | None = None  # [N, C, K]: mean gradient over each feature map
+    for layer, inp in zip(reversed(head), reversed(inputs)):
+        if isinstance(layer, nn.Linear):
+            grad = layer.weight.unsqueeze(0).expand(n, -1, -1) if grad is None else grad @ layer.weight
+        elif isinstance(layer, nn.Flatten):
+            assert grad is not None
+            grad = grad.reshape(n, grad.shape[1], *inp.shape[1:])
+        elif isinstance(layer, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
+            assert grad is not None and grad.dim() == 5
+            alpha = grad.sum(dim=(3, 4)) / (h * w)
+            break
+        else:
+            d = _activation_grad(layer, inp)
+            if d is not None:
+                assert grad is not None
+                grad = grad * d.unsqueeze(1)
+    if alpha is None:  # no pooling layer: the gradient is per feature-map cell already
+        assert grad is not None and grad.dim() == 5
+        alpha = grad.mean(dim=(3, 4))
+    cam = F.relu(torch.einsum("nck,nkhw->nchw", alpha, features))
+    return logits, embedding, cam
