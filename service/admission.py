@@ -27,6 +27,7 @@ from collections import deque
 from service.errors import Overloaded
 
 RETRY = {"Retry-After": "1"}
+SHUTTING_DOWN = "this worker is shutting down; retry (another replica or worker will answer)"
 
 
 class Admission:
@@ -38,9 +39,20 @@ class Admission:
         self.requests = 0   # slots held
         self.bytes = 0      # body bytes reserved by held requests
         self.waiters: deque[asyncio.Future[bool]] = deque()
+        self.closed = False  # shutting down (service.lifecycle.Drain): nothing more is admitted
+
+    def close(self) -> None:
+        """Admit nothing more: waiting requests and new ones get 503 (held ones finish)."""
+        self.closed = True
+        while self.waiters:
+            slot = self.waiters.popleft()
+            if not slot.done():
+                slot.set_result(False)
 
     async def admit(self, content_length: int | None) -> "Ticket":
         """A ticket for one request once a slot is free, or Overloaded (503) without touching its body."""
+        if self.closed:
+            raise Overloaded(SHUTTING_DOWN, headers=RETRY)
         if self.requests < self.max_requests and not self.waiters:
             self.requests += 1
         else:
@@ -72,6 +84,8 @@ class Admission:
             raise
         finally:
             timer.cancel()
+        if not handed and self.closed:
+            raise Overloaded(SHUTTING_DOWN, headers=RETRY)
         if not handed:
             raise Overloaded(f"no room in this worker for {self.wait_s:g} s ({self.requests} requests held); "
                              "retry shortly", headers=RETRY)

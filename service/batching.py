@@ -36,15 +36,22 @@ log = logging.getLogger("convserve.batching")
 Outputs = dict[str, np.ndarray]
 RunBatch = Callable[[np.ndarray], list[Outputs]]  # uint8 [N, H, W, 3] -> one output dict per image
 OnBatch = Callable[[int, float], None]
-_Item = tuple[np.ndarray, "asyncio.Future[BatchResult]"]
+_Item = tuple[np.ndarray, "asyncio.Future[BatchResult]", float]  # image, its future, when it was queued
 
 
 @dataclass(frozen=True)
 class BatchResult:
-    """One request's outputs and the size of the batch they were computed in."""
+    """One image's outputs, the size of the batch they were computed in, and when (perf_counter
+    seconds) the image was queued and its batch started: the difference is its queue wait."""
 
     outputs: Outputs
     batch_size: int
+    queued: float
+    started: float
+
+    @property
+    def queue_wait(self) -> float:
+        return self.started - self.queued
 
 
 class DynamicBatcher:
@@ -76,7 +83,7 @@ class DynamicBatcher:
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._loop())
         fut: asyncio.Future[BatchResult] = loop.create_future()
-        self._pending.append((image, fut))
+        self._pending.append((image, fut, time.perf_counter()))
         assert self._wakeup is not None
         self._wakeup.set()
         return await fut
@@ -96,7 +103,7 @@ class DynamicBatcher:
                 # two batches of one, not one batch of two with a core left idle.
                 size = min(self.max_batch, -(-len(self._pending) // (self.concurrency - self._running)))
                 batch, self._pending = self._pending[:size], self._pending[size:]
-                batch = [(x, f) for x, f in batch if not f.cancelled()]
+                batch = [item for item in batch if not item[1].cancelled()]
                 if batch:
                     self._running += 1
                     loop.create_task(self._run(batch))
@@ -136,16 +143,16 @@ class DynamicBatcher:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         try:
             start = time.perf_counter()
-            stacked = np.stack([x for x, _ in batch])
+            stacked = np.stack([x for x, _, _ in batch])
             outputs = await loop.run_in_executor(self.executor, self.run_batch, stacked)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"the model returned {len(outputs)} results for a batch of {len(batch)}")
             elapsed = time.perf_counter() - start
-            for (_, fut), out in zip(batch, outputs):
+            for (_, fut, queued), out in zip(batch, outputs):
                 if not fut.done():
-                    fut.set_result(BatchResult(out, len(batch)))
+                    fut.set_result(BatchResult(out, len(batch), queued, start))
         except BaseException as exc:  # the model or the split failed: every caller in the batch hears it
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError("inference cancelled"))
             if not isinstance(exc, Exception):

@@ -77,12 +77,14 @@ class ErrorEnvelopeMiddleware:
     rewrites any >= 400 response whose body is not already ``{"error": {"type", "message"}}``.
     """
 
-    def __init__(self, app: Any, skip_posts_to: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: Any, skip_posts_to: tuple[str, ...] = (), skip_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
         self.skip_posts_to = frozenset(skip_posts_to)  # routes whose POSTs answer in the envelope themselves
+        self.skip_prefixes = skip_prefixes  # routes with an error shape of their own (the v2 protocol's)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or (scope["method"] == "POST" and scope["path"] in self.skip_posts_to):
+        if scope["type"] != "http" or (scope["method"] == "POST" and scope["path"] in self.skip_posts_to) \
+                or scope["path"].startswith(self.skip_prefixes):
             await self.app(scope, receive, send)
             return
         start: dict | None = None

@@ -29,6 +29,12 @@ REQUEST_SECONDS = bentoml.metrics.Histogram(
     labelnames=["model", "endpoint"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+QUEUE_WAIT = bentoml.metrics.Histogram(
+    name="convserve_queue_wait_seconds",
+    documentation="Time an image waited in its model's batch queue before its ONNX Runtime run began, by model",
+    labelnames=["model"],
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
 REBALANCED = bentoml.metrics.Counter(
     name="convserve_connections_rebalanced_total",
     documentation="Keep-alive connections closed by a worker holding more than its share (service.balancing)",
@@ -51,6 +57,11 @@ def observe_batch(model: str, size: int, seconds: float) -> None:
     """One ONNX Runtime run of ``size`` images that took ``seconds``."""
     _child(BATCH_SIZE, model).observe(size)
     _child(INFERENCE_SECONDS, model).observe(seconds)
+
+
+def queue_wait(model: str, seconds: float) -> None:
+    """One image waited ``seconds`` in ``model``'s batch queue (0 when it skipped the queue)."""
+    _child(QUEUE_WAIT, model).observe(max(seconds, 0.0))
 
 
 def answered(model: str, endpoint: str, seconds: float) -> None:

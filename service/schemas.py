@@ -30,6 +30,8 @@ class Label(BaseModel):
     label: str
     label_id: int
     score: float
+    heatmap_png: str | None = Field(None, description="with cam=true: the label's class activation map, a base64 "
+                                    "greyscale PNG at the original image size (255 = the map's maximum)")
 
 
 class Detection(BaseModel):
@@ -62,6 +64,23 @@ class SegmentResult(BaseModel):
     image: ImageInfo
     classes: list[Segment]
     mask_png: str | None = Field(None, description="base64 class-index PNG (mask_format=png); pixel = label_id")
+
+
+class EmbedResult(BaseModel):
+    image: ImageInfo
+    embedding: list[float] = Field(description="L2-normalised: the cosine similarity of two images is the dot product")
+    dimensions: int
+
+
+class EmbedResponse(EmbedResult):
+    model: ModelRef
+    timing: Timing
+
+
+class EmbedBatchResponse(BaseModel):
+    model: ModelRef
+    timing: Timing
+    results: list[EmbedResult]
 
 
 class ClassifyResponse(ClassifyResult):
@@ -101,11 +120,134 @@ class SegmentBatchResponse(BaseModel):
     results: list[SegmentResult]
 
 
-RESPONSES: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
-    "classification": (ClassifyResponse, ClassifyBatchResponse),
-    "detection": (DetectResponse, DetectBatchResponse),
-    "segmentation": (SegmentResponse, SegmentBatchResponse),
+RESPONSES: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {  # by endpoint
+    "classify": (ClassifyResponse, ClassifyBatchResponse),
+    "detect": (DetectResponse, DetectBatchResponse),
+    "segment": (SegmentResponse, SegmentBatchResponse),
+    "embed": (EmbedResponse, EmbedBatchResponse),
 }
+
+
+class ModelInput(BaseModel):
+    height: int
+    width: int
+    channels: int = Field(description="3 (RGB) or 1 (greyscale: uploads are converted)")
+    color: str
+    resize: str = Field(description="stretch or letterbox")
+    dtype: str
+    layout: str
+
+
+class ModelBatch(BaseModel):
+    dynamic: bool
+    size: int | None
+    max_batch: int = Field(description="largest batch the service forms for this model")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    default_version: bool = Field(description="whether requests naming only the model get this version")
+    task: str
+    endpoint: str
+    endpoints: list[str] = Field(description="every route that serves this model (e.g. /classify and /embed)")
+    precision: str
+    labels: list[str]
+    input: ModelInput
+    outputs: dict[str, str] = Field(description="optional outputs the model carries: embedding, cam")
+    batch: ModelBatch
+    providers: list[str] = Field(description="the ONNX Runtime execution providers it really runs on")
+    provenance: dict[str, Any]
+
+
+class RefusedModel(BaseModel):
+    path: str
+    error: str
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+    errors: list[RefusedModel] = Field(description="files a reload refused (the versions before keep serving)")
+
+
+class ReloadAnswer(BaseModel):
+    added: list[str]
+    replaced: list[str]
+    removed: list[str]
+    refused: dict[str, str]
+    models: list[str]
+    errors: list[RefusedModel]
+
+
+# --- the Open Inference Protocol v2 -------------------------------------------------------------
+
+class V2Error(BaseModel):
+    error: str
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for a dimension that varies (the batch)")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+    parameters: dict[str, Any] = {}
+
+
+class V2InferInput(BaseModel):
+    name: str = Field(description="the model's input name (see its metadata)")
+    datatype: str = Field(description="BYTES: encoded images, shape [N]; UINT8: the model's own tensor [N, H, W, C]")
+    shape: list[int]
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size: the input's bytes after the JSON")
+    data: list[Any] | None = Field(None, description="JSON data: base64 strings (BYTES) or integers (UINT8)")
+
+
+class V2RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = Field(None, description="binary_data (bool); classification (k, on the scores "
+                                              "output)")
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_output; task options (score_threshold, "
+                                              "max_detections)")
+    inputs: list[V2InferInput]
+    outputs: list[V2RequestedOutput] | None = Field(None, description="default: every output")
+
+
+class V2InferOutput(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size when the data follows the JSON")
+    data: list[Any] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2InferOutput]
+
+
+class V2RepositoryEntry(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY or UNAVAILABLE")
+    reason: str
 
 
 class ErrorDetail(BaseModel):

@@ -23,36 +23,44 @@ from pathlib import Path
 import bentoml
 
 from core.errors import ConfigError
-from service import balancing, bentoml_fixes
+from core.tasks import ENDPOINTS
+from service import balancing, bentoml_fixes, lifecycle, tracing
 from service.app import app
+from service.auth import AuthMiddleware
 from service.errors import ErrorEnvelopeMiddleware
+from service.pages import PagesMiddleware
 from service.settings import Settings
 
 log = logging.getLogger("convserve.service")
 bentoml_fixes.apply()
+lifecycle.always_respawn()  # in bentoml serve's main process: its supervisor restarts dead workers
 
 
 def _setup_logging() -> None:
-    """BentoML configures its own loggers only; give ours a handler so start-up facts show."""
+    """BentoML configures its own loggers only; give ours a handler (text or JSON lines, with
+    the request id) so start-up facts and request errors show."""
     root = logging.getLogger("convserve")
     if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
-        root.addHandler(handler)
+        root.addHandler(tracing.log_handler())
         root.setLevel(logging.INFO)
         root.propagate = False
 
 
-def _workers() -> int:
-    """CONVSERVE_WORKERS for the decorator below, which BentoML reads at import. An invalid
-    setting counts as 1 here: the start-up check then reports it and stops the server."""
+def _settings_or_defaults() -> Settings | None:
+    """The settings for the decorators below, which BentoML reads at import. Invalid settings
+    count as the defaults here: the start-up check then reports them and stops the server."""
     try:
-        return Settings.from_env().workers
+        return Settings.from_env()
     except ConfigError:
-        return 1
+        return None
 
 
-INFERENCE_ROUTES = [f"/{route.path.strip('/')}" for route in app.routes if "POST" in getattr(route, "methods", ())]
+def _workers() -> int:
+    s = _settings_or_defaults()
+    return s.workers if s else 1
+
+
+INFERENCE_ROUTES = [f"/{e.endpoint}" for e in ENDPOINTS.values()]  # the hot paths (and v2's infer, below)
 
 
 @bentoml.service(
@@ -61,9 +69,9 @@ INFERENCE_ROUTES = [f"/{route.path.strip('/')}" for route in app.routes if "POST
     # No max_concurrency: admission control sheds load before bodies are read, with our JSON.
     traffic={"timeout": 120},
     # BentoML's per-request OpenTelemetry span costs about 0.3 ms of CPU per request and is
-    # dropped anyway unless tracing is configured (sample rate 0 by default); skip it on the
-    # inference routes unless CONVSERVE_TRACE_REQUESTS=1.
-    tracing={"excluded_urls": [] if os.environ.get("CONVSERVE_TRACE_REQUESTS") == "1" else INFERENCE_ROUTES},
+    # dropped anyway unless tracing is configured (sample rate 0 by default): it is skipped on
+    # the inference routes unless spans are exported (CONVSERVE_OTLP_ENDPOINT, service.tracing).
+    tracing=tracing.bentoml_tracing_config([*INFERENCE_ROUTES, r"/v2/models/.*/infer"]),
     # BentoML's access log line (a synchronous write per request) is skipped on the inference
     # routes unless CONVSERVE_ACCESS_LOG=1; BentoML's request metrics still count them, and
     # convserve_request_seconds / convserve_errors_total say how each ended.
@@ -93,6 +101,8 @@ class ConvServe:
             atexit.register(path.unlink, missing_ok=True)
 
     def __init__(self) -> None:
+        import asyncio
+
         from service.admission import Admission
         from service.metrics import observe_batch
         from service.pipeline import Pipeline
@@ -107,14 +117,30 @@ class ConvServe:
         self.admission = Admission(s.max_queue, s.max_inflight_bytes, s.admission_wait_ms / 1e3, s.max_waiting)
         self.limits = Limits(max_bytes=s.max_bytes, max_images=s.max_images, timeout_s=s.body_timeout_s)
         self.balancer = balancing.Balancer.from_env(bentoml.server_context.worker_index - 1, s.workers)
+        # BentoML builds the service inside the worker's running event loop, in its main thread.
+        loop = asyncio.get_running_loop()
+        self.drain = lifecycle.Drain(lambda: self.admission.requests, self.admission.close, s.grace_s)
+        self.drain.install(loop)
+        self.watcher = loop.create_task(self.repo.watch(s.poll_s)) if s.poll_s > 0 else None
         app.state.service = self
         # What exists now lives as long as the worker: keep full collections from walking it.
         gc.collect()
         gc.freeze()
         log.info("ready: %d model(s) loaded and warmed up", sum(len(v) for v in self.repo.models.values()))
 
+    def is_ready(self) -> bool:
+        """Every model loaded and warmed up, and not shutting down."""
+        return self.repo.ready and not self.drain.draining
+
     def __is_ready__(self) -> bool:
-        return self.repo.ready
+        return self.is_ready()
 
 
-ConvServe.add_asgi_middleware(ErrorEnvelopeMiddleware, skip_posts_to=tuple(INFERENCE_ROUTES))
+_settings = _settings_or_defaults()
+# Outermost first: every answer carries its request id, even a refusal for a missing key.
+ConvServe.add_asgi_middleware(tracing.RequestIdMiddleware)
+ConvServe.add_asgi_middleware(AuthMiddleware, api_keys=_settings.api_keys if _settings else (),
+                              admin_keys=_settings.admin_keys if _settings else (),
+                              protect_health=_settings.auth_health if _settings else False)
+ConvServe.add_asgi_middleware(PagesMiddleware)
+ConvServe.add_asgi_middleware(ErrorEnvelopeMiddleware, skip_posts_to=tuple(INFERENCE_ROUTES), skip_prefixes=("/v2",))

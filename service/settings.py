@@ -18,6 +18,11 @@
 | CONVSERVE_MAX_PIXELS | 100000000 | largest image (width x height, from the header) |
 | CONVSERVE_MAX_IMAGES | 16 | images in one request |
 | CONVSERVE_BODY_TIMEOUT_S | 30 | seconds a client has to send its request body (then 408) |
+| CONVSERVE_POLL_S | 10 | seconds between looks at the model repository for new, replaced or removed versions (0: never) |
+| CONVSERVE_GRACE_S | 25 | on SIGTERM, how long accepted requests may take before the worker exits anyway |
+| CONVSERVE_API_KEYS / _FILE | unset | API keys (comma-separated, or a file with one a line): required on inference routes |
+| CONVSERVE_ADMIN_KEYS / _FILE | unset | keys for POST /admin/reload (disabled without one) |
+| CONVSERVE_AUTH_HEALTH | 0 | 1: health, readiness and metrics need an API key too |
 """
 
 from __future__ import annotations
@@ -43,6 +48,41 @@ def _int(name: str, default: int, minimum: int = 0) -> int:
     if value < minimum:
         raise ConfigError(f"{name}={value} must be >= {minimum}")
     return value
+
+
+def _float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not value >= minimum:  # also refuses NaN
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+MIN_KEY_LENGTH = 16
+
+
+def _keys(name: str) -> tuple[str, ...]:
+    """Keys from ``name`` (comma-separated) and ``name``_FILE (one a line, # comments); each at
+    least MIN_KEY_LENGTH printable characters."""
+    raw = [k.strip() for k in os.environ.get(name, "").split(",")]
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE={path!r} cannot be read: {exc.strerror or exc}") from None
+        raw += [ln.strip() for ln in lines if not ln.strip().startswith("#")]
+    keys = tuple(dict.fromkeys(k for k in raw if k))
+    for i, key in enumerate(keys):
+        if len(key) < MIN_KEY_LENGTH or not key.isprintable() or " " in key:
+            raise ConfigError(f"{name}: key {i + 1} must be at least {MIN_KEY_LENGTH} printable characters without "
+                              "spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return keys
 
 
 def available_cores() -> int:
@@ -79,6 +119,11 @@ class Settings:
     max_pixels: int
     max_images: int
     body_timeout_s: int
+    poll_s: float = 10.0
+    grace_s: float = 25.0
+    api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()
+    auth_health: bool = False
 
     def max_batch_for(self, providers: list[str]) -> int:
         """CONVSERVE_MAX_BATCH, or the default for where the model runs: on a CPU larger
@@ -111,4 +156,9 @@ class Settings:
             max_pixels=_int("CONVSERVE_MAX_PIXELS", 100_000_000, 1),
             max_images=_int("CONVSERVE_MAX_IMAGES", 16, 1),
             body_timeout_s=_int("CONVSERVE_BODY_TIMEOUT_S", 30, 1),
+            poll_s=_float("CONVSERVE_POLL_S", 10.0, 0.0),
+            grace_s=_float("CONVSERVE_GRACE_S", 25.0, 0.0),
+            api_keys=_keys("CONVSERVE_API_KEYS"),
+            admin_keys=_keys("CONVSERVE_ADMIN_KEYS"),
+            auth_health=_int("CONVSERVE_AUTH_HEALTH", 0, 0) > 0,
         )

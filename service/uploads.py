@@ -74,6 +74,7 @@ async def read_upload(headers: dict[str, str], query: dict[str, str], receive: R
     content_type, params = parse_options_header(headers.get("content-type", ""))
     ctype = content_type.decode("latin-1")
     length = _content_length(headers, limits.max_bytes)
+    _identity_only(headers)
     if ctype == "multipart/form-data":
         boundary = params.get(b"boundary")
         if not boundary:
@@ -94,6 +95,69 @@ async def read_upload(headers: dict[str, str], query: dict[str, str], receive: R
                           "'image' field, or the image itself as image/* or application/octet-stream")
     raise UploadError(415, "unsupported_media_type", f"Content-Type {ctype!r} is not accepted: send "
                       "multipart/form-data with an 'image' field, or the image as image/* or application/octet-stream")
+
+
+async def read_body(headers: dict[str, str], receive: Receive, limits: Limits,
+                    on_bytes: Callable[[int], None] | None = None) -> bytes:
+    """The whole body of a request (the v2 protocol's JSON and binary tensors), under the same
+    byte limit and deadline; a gzip or deflate Content-Encoding is undone, its output capped
+    at the byte limit too."""
+    length = _content_length(headers, limits.max_bytes)
+    body = bytearray()
+    await _stream(receive, limits, length, on_bytes, body.extend)
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return bytes(body)
+    if encoding not in ("gzip", "deflate"):
+        raise UploadError(415, "unsupported_media_type", f"Content-Encoding {encoding[:40]!r} is not accepted "
+                          "(gzip, deflate or none)")
+    import zlib
+
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(bytes(body), limits.max_bytes + 1)
+    except zlib.error as exc:
+        raise malformed(f"the {encoding} body cannot be decompressed: {exc}") from None
+    if len(out) > limits.max_bytes or inflater.unconsumed_tail:
+        raise UploadError(413, "payload_too_large", f"the decompressed body exceeds the limit of {limits.max_bytes} bytes")
+    return out
+
+
+class TrackedReceive:
+    """``receive`` that remembers whether the body has been read to its end."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive, self.ended = receive, False
+
+    async def __call__(self) -> dict[str, Any]:
+        message = await self.receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            self.ended = True
+        return message
+
+
+async def discard_body(receive: TrackedReceive, max_bytes: int, seconds: float = 1.0) -> None:
+    """Before refusing a request whose body is still arriving, read and drop up to ``max_bytes``
+    of it for up to ``seconds`` (a lingering close): a client still sending then reads the
+    refusal instead of a broken pipe."""
+    deadline = time.monotonic() + seconds
+    seen = 0
+    while not receive.ended and seen <= max_bytes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except asyncio.TimeoutError:
+            return
+        seen += len(message.get("body", b""))
+
+
+def _identity_only(headers: dict[str, str]) -> None:
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UploadError(415, "unsupported_media_type", f"Content-Encoding {encoding[:40]!r} is not accepted here: "
+                          "send the image uncompressed (images are compressed already)")
 
 
 def _content_length(headers: dict[str, str], max_bytes: int) -> int | None:

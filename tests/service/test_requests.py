@@ -6,6 +6,7 @@ document the routes publish."""
 from __future__ import annotations
 
 import http.server
+import json
 import socket
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from core import __version__
 from tests.conftest import ROOT, start_server, stop_server
 from tests.service.helpers import get, jpeg, multipart_body, post, raw_exchange, request, scene
 
@@ -288,19 +290,29 @@ def test_a_full_worker_queues_unread_then_refuses_before_reading_the_body(tmp_pa
 def test_openapi_describes_what_the_routes_really_do(server) -> None:
     status, _, spec = get(server.url + "/docs.json")
     assert status == 200
-    from core.tasks import BY_ENDPOINT
+    from core.tasks import ENDPOINTS
 
-    for endpoint, option in (("classify", "top_k"), ("detect", "score_threshold"), ("segment", "mask_format")):
+    for endpoint, option in (("classify", "top_k"), ("detect", "score_threshold"), ("segment", "mask_format"),
+                             ("embed", "model")):
         op = spec["paths"][f"/{endpoint}"]["post"]
-        options = {o.name for o in BY_ENDPOINT[endpoint].options}
+        options = {o.name for o in ENDPOINTS[endpoint].options} | {"render"}
         assert option in options
         content = op["requestBody"]["content"]
         assert set(content) == {"multipart/form-data", "image/*", "application/octet-stream"}
         form = content["multipart/form-data"]["schema"]
         assert form["required"] == ["image"] and set(form["properties"]) == {"image"} | options
         assert {p["name"] for p in op["parameters"]} == options and all(p["in"] == "query" for p in op["parameters"])
-        assert set(op["responses"]) == {"200", "400", "404", "408", "413", "415", "422", "500", "503"}
+        assert set(op["responses"]) == {"200", "400", "401", "404", "408", "413", "415", "422", "500", "503"}
+        assert set(op["responses"]["200"]["content"]) == {"application/json", "image/png", "image/jpeg"}
         assert op["responses"]["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     schemas = spec["components"]["schemas"]
-    assert {"ErrorBody", "ClassifyResponse", "ClassifyBatchResponse", "DetectResponse", "SegmentResponse"} <= set(schemas)
+    assert {"ErrorBody", "ClassifyResponse", "ClassifyBatchResponse", "DetectResponse", "SegmentResponse",
+            "EmbedResponse", "ModelList", "V2InferRequest", "V2InferResponse", "V2ModelMetadata"} <= set(schemas)
+    assert spec["info"]["title"] == "convserve" and spec["info"]["version"] == __version__
+    assert "contact" not in spec["info"] and "BentoML" not in json.dumps(spec["info"])
+    infer = spec["paths"]["/v2/models/{name}/infer"]["post"]
+    assert set(infer["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
+    assert {"400", "404", "413", "503"} <= set(infer["responses"])
+    assert spec["paths"]["/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ModelList")
     assert spec["paths"]["/classify"]["post"]["parameters"][1]["schema"]["maximum"] == 1000

@@ -57,7 +57,7 @@ def test_training_loader_and_service_see_identical_arrays(tiny_server, tiny_serv
     settings = Settings.from_env()
     for sample, (arr, _) in zip(ds.samples, (ds[i] for i in range(len(ds)))):
         data = sample.image.read_bytes()
-        _, served, _ = preprocess(data, c, settings)
+        served = preprocess(data, c, settings).array
         np.testing.assert_array_equal(arr.numpy(), served, err_msg=sample.image.name)
         # ... and the answer over HTTP is the model's answer on the training loader's pixels
         status, _, body = post(tiny_server.url + "/classify", {"image": (sample.image.name, data)},

@@ -1,0 +1,215 @@
+// convserve playground: plain JavaScript, no build step, nothing loaded from elsewhere.
+// Calls the service's own task endpoints and draws their answers on the image.
+"use strict";
+
+// The same colours as service/render.py (Tableau 10), by label_id.
+const PALETTE = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
+                 [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]];
+const colour = (id, a = 1) => { const [r, g, b] = PALETTE[id % PALETTE.length]; return `rgba(${r},${g},${b},${a})`; };
+const ENDPOINT = {classification: "classify", detection: "detect", segmentation: "segment"};
+const $ = (id) => document.getElementById(id);
+const base = new URL("..", window.location.href);  // the service's root, wherever it is mounted
+let models = [];
+let lastFile = null;
+
+function headers() {
+  const key = $("api_key").value.trim();
+  sessionStorage.setItem("convserve-api-key", key);
+  return key ? {"Authorization": "Bearer " + key} : {};
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+  document.body.dataset.state = isError ? "error" : (text.startsWith("Done") ? "done" : "busy");
+}
+
+function current() { return models.find((m) => `${m.name}:${m.version}` === $("model").value); }
+
+function showOptions() {
+  const m = current();
+  for (const el of document.querySelectorAll("#options [data-task]")) {
+    el.style.display = m && el.dataset.task === m.task ? "" : "none";
+  }
+  $("cam-option").style.display = m && m.task === "classification" && m.outputs && m.outputs.cam ? "" : "none";
+}
+
+async function loadModels() {
+  $("api_key").value = sessionStorage.getItem("convserve-api-key") || "";
+  try {
+    const r = await fetch(new URL("models", base), {headers: headers()});
+    const body = await r.json();
+    if (!r.ok) throw new Error(body.error ? body.error.message : `HTTP ${r.status}`);
+    models = body.models.filter((m) => ENDPOINT[m.task]);
+    $("model").innerHTML = "";
+    for (const m of models) {
+      const opt = document.createElement("option");
+      opt.value = `${m.name}:${m.version}`;
+      opt.textContent = `${m.name}:${m.version} (${m.task})${m.default_version ? "" : " [older version]"}`;
+      $("model").appendChild(opt);
+    }
+    showOptions();
+    setStatus(models.length ? "Choose an image." : "No models are loaded.");
+    document.body.dataset.models = String(models.length);
+  } catch (e) {
+    setStatus("Could not list the models: " + e.message, true);
+  }
+}
+
+function form(model, file) {
+  const data = new FormData();
+  data.append("image", file);
+  data.append("model", `${model.name}:${model.version}`);
+  if (model.task === "classification") {
+    data.append("top_k", $("top_k").value || "5");
+    if ($("cam").checked && model.outputs && model.outputs.cam) data.append("cam", "true");
+  } else if (model.task === "detection") {
+    data.append("score_threshold", $("score_threshold").value || "0.3");
+  } else if (model.task === "segmentation") {
+    data.append("mask_format", "png");
+  }
+  return data;
+}
+
+async function run(file) {
+  const model = current();
+  if (!model || !file) return;
+  lastFile = file;
+  setStatus(`Asking ${model.name}:${model.version}...`);
+  $("labels").innerHTML = ""; $("legend").innerHTML = ""; $("timing").textContent = "";
+  const t0 = performance.now();
+  let response, body;
+  try {
+    response = await fetch(new URL(ENDPOINT[model.task], base), {method: "POST", body: form(model, file), headers: headers()});
+    body = await response.json();
+  } catch (e) {
+    setStatus("The request failed: " + e.message, true);
+    return;
+  }
+  const roundTrip = performance.now() - t0;
+  if (!response.ok) {
+    setStatus(`${response.status}: ${body.error ? body.error.message : JSON.stringify(body)}`, true);
+    return;
+  }
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file, {imageOrientation: "from-image"});
+  } catch (e) {
+    bitmap = null;  // the service decoded it, the browser cannot (e.g. TIFF): draw on a blank canvas
+  }
+  await draw(model, body, bitmap);
+  const t = body.timing;
+  $("timing").textContent = `decode ${t.decode_ms} ms, inference ${t.inference_ms} ms (batch ${t.batch_size}), ` +
+    `postprocess ${t.postprocess_ms} ms\nservice ${t.total_ms} ms, round trip ${roundTrip.toFixed(1)} ms`;
+  setStatus(`Done: ${summary(model, body)}`);
+  window.lastAnswer = body;
+}
+
+function summary(model, body) {
+  if (model.task === "classification") return body.labels.map((l) => `${l.label} ${l.score.toFixed(3)}`).join(", ");
+  if (model.task === "detection") return `${body.detections.length} detection(s): ` +
+    body.detections.map((d) => `${d.label} ${d.score.toFixed(2)}`).join(", ");
+  return `${body.classes.length} class(es): ` + body.classes.map((c) => `${c.label} (${c.area} px)`).join(", ");
+}
+
+function decodePng(b64) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("bad PNG"));
+    img.src = "data:image/png;base64," + b64;
+  });
+}
+
+async function greyPixels(b64, w, h) {
+  const img = await decodePng(b64);
+  const c = document.createElement("canvas");
+  c.width = w; c.height = h;
+  const ctx = c.getContext("2d");
+  ctx.drawImage(img, 0, 0, w, h);
+  return ctx.getImageData(0, 0, w, h).data;  // RGBA; the grey value is in every channel
+}
+
+async function draw(model, body, bitmap) {
+  const canvas = $("canvas");
+  const w = body.image.width, h = body.image.height;
+  canvas.width = w; canvas.height = h;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#ddd"; ctx.fillRect(0, 0, w, h);
+  if (bitmap) ctx.drawImage(bitmap, 0, 0, w, h);
+  const line = Math.max(2, Math.round(Math.min(w, h) / 150));
+  const font = Math.max(12, Math.round(Math.min(w, h) / 35));
+  if (model.task === "detection") {
+    ctx.lineWidth = line; ctx.font = `${font}px sans-serif`; ctx.textBaseline = "bottom";
+    for (const d of [...body.detections].reverse()) {
+      const [x1, y1, x2, y2] = d.box;
+      ctx.strokeStyle = colour(d.label_id);
+      ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+      const text = `${d.label} ${d.score.toFixed(2)}`;
+      const tw = ctx.measureText(text).width + 6;
+      ctx.fillStyle = colour(d.label_id);
+      ctx.fillRect(x1, Math.max(0, y1 - font - 4), tw, font + 4);
+      ctx.fillStyle = "#fff";
+      ctx.fillText(text, x1 + 3, Math.max(font + 2, y1 - 1));
+    }
+  } else if (model.task === "segmentation") {
+    const map = await greyPixels(body.mask_png, w, h);
+    const image = ctx.getImageData(0, 0, w, h);
+    for (let i = 0; i < w * h; i++) {
+      const id = map[4 * i];
+      if (id === 0) continue;
+      const [r, g, b] = PALETTE[id % PALETTE.length];
+      image.data[4 * i] = (image.data[4 * i] + r) / 2;
+      image.data[4 * i + 1] = (image.data[4 * i + 1] + g) / 2;
+      image.data[4 * i + 2] = (image.data[4 * i + 2] + b) / 2;
+    }
+    ctx.putImageData(image, 0, 0);
+    for (const c of body.classes) {
+      const item = document.createElement("span");
+      item.innerHTML = `<i style="background:${colour(c.label_id)}"></i>`;
+      item.appendChild(document.createTextNode(`${c.label} (${c.area} px)`));
+      $("legend").appendChild(item);
+    }
+  } else {
+    body.labels.forEach((l, k) => {
+      const li = document.createElement("li");
+      li.innerHTML = `<span></span><span class="bar" style="width:${Math.round(l.score * 200)}px"></span>`;
+      li.firstChild.textContent = `${l.label} ${l.score.toFixed(4)}`;
+      if (l.heatmap_png) {
+        li.className = "has-cam" + (k === 0 ? " selected" : "");
+        li.onclick = async () => {
+          for (const other of $("labels").children) other.classList.remove("selected");
+          li.classList.add("selected");
+          ctx.fillStyle = "#ddd"; ctx.fillRect(0, 0, w, h);
+          if (bitmap) ctx.drawImage(bitmap, 0, 0, w, h);
+          await overlayHeat(ctx, l.heatmap_png, w, h);
+        };
+      }
+      $("labels").appendChild(li);
+    });
+    if (body.labels.length && body.labels[0].heatmap_png) await overlayHeat(ctx, body.labels[0].heatmap_png, w, h);
+  }
+}
+
+async function overlayHeat(ctx, b64, w, h) {
+  const heat = await greyPixels(b64, w, h);
+  const image = ctx.getImageData(0, 0, w, h);
+  for (let i = 0; i < w * h; i++) {
+    const t = heat[4 * i] / 255, a = 0.25 + 0.45 * t;
+    const hot = [Math.min(1, 2 * t), Math.max(0, Math.min(1, 2 - Math.abs(4 * t - 2))), Math.max(0, 1 - 2 * t)];
+    for (let c = 0; c < 3; c++) image.data[4 * i + c] = image.data[4 * i + c] * (1 - a) + 255 * hot[c] * a;
+  }
+  ctx.putImageData(image, 0, 0);
+}
+
+$("model").addEventListener("change", () => { showOptions(); if (lastFile) run(lastFile); });
+$("file").addEventListener("change", (e) => { if (e.target.files[0]) run(e.target.files[0]); });
+$("api_key").addEventListener("change", loadModels);
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault(); drop.classList.remove("over");
+  if (e.dataTransfer.files[0]) run(e.dataTransfer.files[0]);
+});
+loadModels();
