@@ -82,6 +82,61 @@ def tiny_served_repo(tiny_repo: Path, tiny_checkpoints: dict[str, Path], tiny_da
     return root
 
 
+# The architectures of training.models at test sizes: (task, arch, data, input side, width multiplier,
+# extras). Trained two steps and exported with parity by tiny_arch_repo, served by tests/service.
+ARCHS = [
+    ("classification", "lenet5", "grey", 32, 1.0, ("embedding", "cam")),
+    ("classification", "alexnet", "cls", 64, 0.125, ("embedding", "cam")),
+    ("classification", "vgg11", "cls", 32, 0.125, ("embedding", "cam")),
+    ("classification", "vgg11_bn", "cls", 32, 0.125, ("embedding", "cam")),
+    ("classification", "vgg16", "cls", 32, 0.0625, ("embedding", "cam")),
+    ("classification", "vgg16_bn", "cls", 32, 0.0625, ("embedding", "cam")),
+    ("classification", "googlenet", "cls", 64, 1.0, ("embedding", "cam")),
+    ("classification", "resnet18", "cls", 32, 1.0, ("embedding", "cam")),
+    ("classification", "resnet34", "cls", 32, 1.0, ("embedding", "cam")),
+    ("classification", "resnet50", "cls", 32, 1.0, ("embedding", "cam")),
+    ("classification", "mobilenet_v3_large", "cls", 64, 0.5, ("embedding", "cam")),
+    ("segmentation", "fpn_mobilenet_v3_large", "seg", 64, 0.5, ()),
+    ("segmentation", "deeplabv3_mobilenet_v3_large", "seg", 64, 0.5, ()),
+    ("segmentation", "fcn_resnet50", "seg", 64, 1.0, ()),
+    ("segmentation", "deeplabv3_resnet50", "seg", 64, 1.0, ()),
+    ("detection", "fasterrcnn_mobilenet_v3_large_320_fpn", "det", 128, 1.0, ()),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_grey_data(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny classification sets as greyscale PNGs (for LeNet-5 and one-channel graphs)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("grey")
+    for split in ("train", "val"):
+        for path in sorted((tiny_data / "cls" / split).rglob("*.jpg")):
+            out = root / split / path.parent.name / (path.stem + ".png")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(path).convert("L").save(out)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_arch_repo(tiny_data: Path, tiny_grey_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every architecture of ARCHS trained two steps and exported (with parity) into one repository;
+    returns {arch: checkpoint} and the repository under the key "repo"."""
+    from export.onnx_export import export
+    from training.train import TrainConfig, train
+
+    runs, repo = tmp_path_factory.mktemp("arch-runs"), tmp_path_factory.mktemp("arch-models")
+    out: dict[str, Path] = {"repo": repo}
+    for task, arch, data, size, width, extras in ARCHS:
+        root = tiny_grey_data if data == "grey" else tiny_data / data
+        cfg = TrainConfig(task=task, train=str(root / "train"), val=str(root / "val"), arch=arch, size=size,
+                          width_mult=width, epochs=1, batch_size=4, lr=1e-3, workers=0, max_steps=2)
+        train(cfg, runs / arch)
+        out[arch] = runs / arch / "best.pt"
+        export(out[arch], arch.replace("_", "-"), "1", repo, "tiny synthetic", root / "val", 4, extras=extras)
+    return out
+
+
 class Server:
     def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -192,6 +193,29 @@ def _activation_grad(layer: nn.Module, z: torch.Tensor) -> torch.Tensor | None:
     raise TypeError(f"no gradient rule for head layer {layer.__class__.__name__}")
 
 
+def _pool_matrix(size: int, out: int) -> torch.Tensor:
+    """[out, size]: row i averages adaptive_avg_pool's window i (floor(i*size/out) .. ceil((i+1)*size/out)).
+    Built in NumPy, so that an ONNX trace records it as a constant."""
+    m = np.zeros((out, size), np.float32)
+    for i in range(out):
+        lo, hi = (i * size) // out, -(-((i + 1) * size) // out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return torch.from_numpy(m)
+
+
+def adaptive_avg_pool(layer: nn.AdaptiveAvgPool2d, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, also where its output size does not divide the input size (AlexNet's and
+    VGG's 6x6 / 7x7 pools on inputs smaller than 224): then as two matrix products with the
+    pooling windows, which the ONNX exporter can write (it refuses adaptive_avg_pool2d there)."""
+    h, w = x.shape[-2:]
+    oh, ow = (layer.output_size, layer.output_size) if isinstance(layer.output_size, int) else layer.output_size
+    oh, ow = oh or h, ow or w
+    if h % oh == 0 and w % ow == 0:
+        return layer(x)
+    rows, cols = _pool_matrix(h, oh).to(x), _pool_matrix(w, ow).to(x)
+    return rows @ x @ cols.T
+
+
 def head_outputs(head: list[nn.Module], features: torch.Tensor, want_cam: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run ``head`` on ``features`` [N, K, h, w]: (logits [N, C], embedding [N, D], cam [N, C, h, w] or None).
@@ -204,7 +228,10 @@ def head_outputs(head: list[nn.Module], features: torch.Tensor, want_cam: bool
     x = features
     for layer in head:
         inputs.append(x)
-        x = layer(x.clone() if getattr(layer, "inplace", False) else x)  # keep the recorded input intact
+        if isinstance(layer, nn.AdaptiveAvgPool2d):
+            x = adaptive_avg_pool(layer, x)
+        else:
+            x = layer(x.clone() if getattr(layer, "inplace", False) else x)  # keep the recorded input intact
     logits = x
     last = max(i for i, layer in enumerate(head) if isinstance(layer, nn.Linear))
     embedding = inputs[last]

@@ -1,0 +1,96 @@
+"""Every architecture of training.models, exported, is served with no code changes: classic
+classifiers with embeddings and class activation maps, a greyscale LeNet-5, FCN and DeepLabV3
+segmenters, and Faster R-CNN (one image per graph call) through the real server."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.imaging import load_input
+from core.runtime import OnnxModel
+from tests.conftest import ARCHS, Server, start_server, stop_server
+from tests.service.helpers import get, jpeg, multipart_body, post, request, scene
+
+CLASSIFIERS = [a for t, a, *_ in ARCHS if t == "classification"]
+
+
+@pytest.fixture(scope="module")
+def arch_server(tiny_arch_repo, tmp_path_factory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("arch-server") / "serve.log"
+    srv = start_server(tiny_arch_repo["repo"], log, env={"CONVSERVE_DEVICE": "cpu", "CONVSERVE_POLL_S": "0"})
+    yield srv
+    stop_server(srv.proc)
+
+
+def _name(arch: str) -> str:
+    return arch.replace("_", "-")
+
+
+@pytest.mark.parametrize("arch", CLASSIFIERS)
+def test_classifiers_answer_labels_embeddings_and_heatmaps(arch_server, tiny_arch_repo, arch) -> None:
+    image = jpeg(scene(70, 150, 110, shapes=1).image)
+    status, _, body = post(arch_server.url + "/classify", {"image": ("a.jpg", image)},
+                           {"model": _name(arch), "top_k": "2", "cam": "true"})
+    assert status == 200, body
+    assert len(body["labels"]) == 2 and body["model"]["name"] == _name(arch)
+    for label in body["labels"]:
+        heat = Image.open(io.BytesIO(base64.b64decode(label["heatmap_png"])))
+        assert heat.mode == "L" and heat.size == (150, 110)
+    model = OnnxModel.load(tiny_arch_repo["repo"] / _name(arch) / "1" / "model.onnx", arch, "1", "cpu", 1)
+    _, arr, _ = load_input(image, model.contract.input)
+    want = model.infer(arr[None])[0]["embedding"].astype(np.float64)
+    status, _, body = post(arch_server.url + "/embed", {"image": ("a.jpg", image)}, {"model": _name(arch)})
+    assert status == 200, body
+    got = np.array(body["embedding"])
+    assert body["dimensions"] == want.shape[0] and abs(np.linalg.norm(got) - 1) < 1e-5
+    np.testing.assert_allclose(got, want / np.linalg.norm(want), atol=1e-5)
+
+
+def test_greyscale_lenet_gets_uploads_converted(arch_server, tiny_arch_repo) -> None:
+    """An RGB upload to a one-channel model: the service converts it as the training loader
+    does, and answers what the graph answers on those pixels."""
+    model = OnnxModel.load(tiny_arch_repo["repo"] / "lenet5" / "1" / "model.onnx", "lenet5", "1", "cpu", 1)
+    image = jpeg(scene(71, 96, 80, shapes=1).image)
+    _, arr, _ = load_input(image, model.contract.input)
+    assert arr.shape == (32, 32, 1)
+    logits = model.infer(arr[None])[0]["logits"].astype(np.float64)
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    status, _, body = post(arch_server.url + "/classify", {"image": ("a.jpg", image)}, {"model": "lenet5", "top_k": "5"})
+    assert status == 200, body
+    for item in body["labels"]:
+        assert item["score"] == pytest.approx(probs[item["label_id"]], abs=2e-6)
+    models = {m["name"]: m for m in get(arch_server.url + "/models")[2]["models"]}
+    assert models["lenet5"]["input"]["channels"] == 1 and models["lenet5"]["input"]["color"] == "L"
+    assert models["lenet5"]["endpoints"] == ["/classify", "/embed"] and models["lenet5"]["outputs"]["cam"] == "cam"
+
+
+@pytest.mark.parametrize("arch", ["fpn_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50",
+                                  "deeplabv3_resnet50"])
+def test_segmenters_are_served(arch_server, arch) -> None:
+    image = {"image": ("s.jpg", jpeg(scene(80, 120, 90).image))}
+    status, _, body = post(arch_server.url + "/segment", image, {"model": _name(arch), "mask_format": "png"})
+    assert status == 200, body
+    cmap = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
+    assert cmap.shape == (90, 120) and cmap.max() <= 5
+
+
+def test_faster_rcnn_is_served_one_image_per_graph_call(arch_server) -> None:
+    """A graph that takes exactly one image still answers a request of several, in order."""
+    images = [jpeg(scene(90 + i, 160, 120).image) for i in range(3)]
+    body = multipart_body([("image", f"{i}.jpg", data) for i, data in enumerate(images)]
+                          + [("model", None, b"fasterrcnn-mobilenet-v3-large-320-fpn"), ("score_threshold", None, b"0")])
+    status, _, answer = request(arch_server.url, "POST", "/detect", body,
+                                {"Content-Type": "multipart/form-data; boundary=testboundary"})
+    assert status == 200, answer
+    assert len(answer["results"]) == 3 and answer["timing"]["batch_size"] == 1
+    for result in answer["results"]:
+        assert result["image"] == {"width": 160, "height": 120, "format": "JPEG"}
+        for d in result["detections"]:
+            assert 0 <= d["box"][0] <= d["box"][2] <= 160 and 0 <= d["box"][1] <= d["box"][3] <= 120
+            assert d["label"] in ("circle", "square", "triangle", "hexagon", "star")
