@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Union
 from urllib.parse import parse_qsl
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from service.service import ConvServe
 
 log = logging.getLogger("convserve.app")
+access = logging.getLogger("convserve.access")
 STATIC = Path(__file__).resolve().parent / "static"
 
 app = FastAPI(title="convserve", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
@@ -93,6 +95,7 @@ async def _admitted(scope: Scope, receive: Receive, send: Send, endpoint: str, h
     ticket = None
     receive = TrackedReceive(receive)
     linger = False
+    started = time.perf_counter()
     try:
         length = headers.get("content-length")
         ticket = await service.admission.admit(int(length) if length and length.isdigit() else None)
@@ -114,6 +117,9 @@ async def _admitted(scope: Scope, receive: Receive, send: Send, endpoint: str, h
     if linger:  # uvicorn closes the connection as soon as a Connection: close answer is sent
         await discard_body(receive, LINGER_BYTES)
     await _send(send, status, body, content_type, extra)
+    if service.settings.access_log:
+        access.info("%s %s %d %.1f ms %d bytes", scope["method"], scope["path"], status,
+                    (time.perf_counter() - started) * 1e3, len(body))
 
 
 def _failure(exc: Exception, endpoint: str, v2_shape: bool) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]], str]:

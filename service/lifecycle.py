@@ -44,8 +44,7 @@ class Drain:
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        if self.draining:  # a second SIGTERM: stop waiting
-            self._hand_over(signum, frame)
+        if self.draining:  # e.g. kill sent to the process group and the supervisor's own: one drain
             return
         self.draining = True
         self.started = time.monotonic()

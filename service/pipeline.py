@@ -96,6 +96,7 @@ class Pipeline:
                     self.pool, _decode_and_run, images[0], served, self.settings)
             finally:
                 served.batcher.release_run(1, ran)
+            tracing.interval("decode", t0, t1, images=1)
         else:
             with tracing.span("decode", images=len(images)):
                 prepared = await _each([loop.run_in_executor(self.pool, preprocess, data, c, self.settings)

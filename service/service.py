@@ -72,10 +72,11 @@ INFERENCE_ROUTES = [f"/{e.endpoint}" for e in ENDPOINTS.values()]  # the hot pat
     # dropped anyway unless tracing is configured (sample rate 0 by default): it is skipped on
     # the inference routes unless spans are exported (CONVSERVE_OTLP_ENDPOINT, service.tracing).
     tracing=tracing.bentoml_tracing_config([*INFERENCE_ROUTES, r"/v2/models/.*/infer"]),
-    # BentoML's access log line (a synchronous write per request) is skipped on the inference
-    # routes unless CONVSERVE_ACCESS_LOG=1; BentoML's request metrics still count them, and
-    # convserve_request_seconds / convserve_errors_total say how each ended.
-    logging={"access": {"skip_paths": [] if os.environ.get("CONVSERVE_ACCESS_LOG") == "1" else INFERENCE_ROUTES}},
+    # BentoML's access log line (a synchronous write per request, without our request id) is
+    # skipped on the inference routes; CONVSERVE_ACCESS_LOG=1 logs convserve's own line for
+    # them instead (service.app, with the request id). BentoML's request metrics still count
+    # them, and convserve_request_seconds / convserve_errors_total say how each ended.
+    logging={"access": {"skip_paths": INFERENCE_ROUTES}},
 )
 @bentoml.asgi_app(app, path="/")
 class ConvServe:

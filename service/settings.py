@@ -23,6 +23,7 @@
 | CONVSERVE_API_KEYS / _FILE | unset | API keys (comma-separated, or a file with one a line): required on inference routes |
 | CONVSERVE_ADMIN_KEYS / _FILE | unset | keys for POST /admin/reload (disabled without one) |
 | CONVSERVE_AUTH_HEALTH | 0 | 1: health, readiness and metrics need an API key too |
+| CONVSERVE_ACCESS_LOG | 0 | 1: one log line per inference request (method, path, status, ms, model, request id) |
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     admin_keys: tuple[str, ...] = ()
     auth_health: bool = False
+    access_log: bool = False
 
     def max_batch_for(self, providers: list[str]) -> int:
         """CONVSERVE_MAX_BATCH, or the default for where the model runs: on a CPU larger
@@ -161,4 +163,5 @@ class Settings:
             api_keys=_keys("CONVSERVE_API_KEYS"),
             admin_keys=_keys("CONVSERVE_ADMIN_KEYS"),
             auth_health=_int("CONVSERVE_AUTH_HEALTH", 0, 0) > 0,
+            access_log=_int("CONVSERVE_ACCESS_LOG", 0, 0) > 0,
         )

@@ -123,11 +123,13 @@ _tracer: Any = None
 
 
 def _get_tracer() -> Any:
+    """A tracer of BentoML's tracer provider (the one its exporter is attached to; BentoML
+    does not make it OpenTelemetry's global provider)."""
     global _tracer
     if _tracer is None:
-        from opentelemetry import trace
+        from bentoml._internal.configuration.containers import BentoMLContainer
 
-        _tracer = trace.get_tracer("convserve")
+        _tracer = BentoMLContainer.tracer_provider.get().get_tracer("convserve")
     return _tracer
 
 
@@ -139,6 +141,16 @@ def span(name: str, **attributes: Any) -> Iterator[None]:
         return
     with _get_tracer().start_as_current_span(name, attributes={f"convserve.{k}": v for k, v in attributes.items()}):
         yield
+
+
+def interval(name: str, start: float, end: float, **attributes: Any) -> None:
+    """A finished child span from perf_counter stamps (work timed elsewhere, e.g. in a thread)."""
+    if not _ENABLED:
+        return
+    offset = time.time_ns() - int(time.perf_counter() * 1e9)
+    s = _get_tracer().start_span(name, start_time=offset + int(start * 1e9),
+                                 attributes={f"convserve.{k}": v for k, v in attributes.items()})
+    s.end(end_time=offset + int(max(end, start) * 1e9))
 
 
 def batch_spans(batched: list["BatchResult"], submitted: float, done: float) -> None:

@@ -145,8 +145,10 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(model_root: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 120.0) -> Server:
-    """``bentoml serve`` on a free loopback port; returns once /readyz answers 200."""
+def start_server(model_root: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 120.0,
+                 ready_headers: dict[str, str] | None = None) -> Server:
+    """``bentoml serve`` on a free loopback port; returns once /readyz answers 200 (asked with
+    ``ready_headers``, e.g. an API key when health is closed)."""
     import urllib.request
 
     port = free_port()
@@ -165,7 +167,8 @@ def start_server(model_root: Path, log: Path, env: dict[str, str] | None = None,
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
         try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+            with urllib.request.urlopen(urllib.request.Request(url + "/readyz", headers=ready_headers or {}),
+                                        timeout=2) as r:
                 if r.status == 200:
                     return Server(proc, url, log)
         except Exception:

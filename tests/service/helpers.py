@@ -57,11 +57,14 @@ def _send(req: urllib.request.Request, timeout: float) -> tuple[int, dict[str, s
 
 
 def _parsed(raw: bytes) -> Any:
-    """A response body as JSON, or as text when it is not JSON."""
+    """A response body as JSON, or as text when it is not JSON, or as bytes (an image)."""
     try:
         return json.loads(raw)
     except ValueError:
-        return raw.decode("utf-8", "replace")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw
 
 
 def box_iou(a: list[float], b: list[float]) -> float:

@@ -1,0 +1,117 @@
+"""The playground in a real headless Chromium (Debian's chromium, driven by Playwright): pick a
+model, upload an image, wait for the drawing, and check the page's answer and the pixels of a
+screenshot; a file that is not an image shows the service's error message.
+
+Needs ``apt-get install chromium`` (``.ci/run`` installs it); skipped, saying so, where no
+browser is installed."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.render import colour
+from tests.service.helpers import jpeg, post, scene
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: apt-get install chromium")
+ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory) -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context(viewport={"width": 1200, "height": 900})
+        requests: list[str] = []
+        context.on("request", lambda r: requests.append(r.url))
+        pg = context.new_page()
+        pg.goto(server.url + "/playground/")
+        pg.wait_for_function("document.body.dataset.models > 0")
+        yield pg
+        assert all(u.startswith(server.url) or u.startswith("data:") or u.startswith("blob:") for u in requests), requests
+        browser.close()
+
+
+def _upload(page, path: Path) -> None:
+    page.evaluate("document.body.dataset.state = ''")
+    page.set_input_files("#file", str(path))
+    page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)", timeout=30000)
+
+
+def _canvas(page) -> np.ndarray:
+    shot = page.locator("#canvas").screenshot()
+    return np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)[1:-1, 1:-1]  # without its border
+
+
+def test_detections_are_listed_and_drawn(page, server, tmp_path) -> None:
+    img = scene(500, 400, 300).image
+    path = tmp_path / "shapes.jpg"
+    path.write_bytes(jpeg(img))
+    _, _, answer = post(server.url + "/detect", {"image": ("a.jpg", path.read_bytes())})
+    page.select_option("#model", "shapes-detector:1")
+    _upload(page, path)
+    status = page.text_content("#status")
+    assert status.startswith(f"Done: {len(answer['detections'])} detection(s)")
+    for d in answer["detections"]:
+        assert d["label"] in status
+    assert "inference" in page.text_content("#timing")
+    pixels = _canvas(page)
+    assert pixels.shape[:2] == (300, 400)  # the canvas at the image's size, shown 1:1 here
+    d = answer["detections"][0]
+    x1, y1, x2, y2 = (int(round(v)) for v in d["box"])
+    edge = pixels[y1 + 5:y2 - 5, max(x1, 1)]
+    assert (np.abs(edge - np.array(colour(d["label_id"]))).sum(axis=1) < 60).mean() > 0.5
+
+
+def test_masks_are_overlaid_with_a_legend(page, tmp_path) -> None:
+    path = tmp_path / "seg.png"
+    scene(501, 320, 240).image.save(path)
+    page.select_option("#model", "shapes-segmenter:1")
+    _upload(page, path)
+    assert page.text_content("#status").startswith("Done:")
+    legend = page.text_content("#legend")
+    answer = page.evaluate("window.lastAnswer")
+    assert answer["classes"] and all(c["label"] in legend for c in answer["classes"])
+    import base64
+
+    cmap = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"]))))
+    pixels = _canvas(page)
+    plain = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    fg = cmap > 0
+    # a masked pixel is the average of the image and the class colour
+    want = (plain[fg] + np.array([colour(int(v)) for v in cmap[fg]])) / 2
+    assert np.abs(pixels[fg] - want).mean() < 6 and np.abs(pixels[~fg] - plain[~fg]).mean() < 3
+
+
+def test_labels_for_a_classifier(page, tmp_path) -> None:
+    path = tmp_path / "one.jpg"
+    path.write_bytes(jpeg(scene(502, 200, 160, shapes=1).image))
+    page.select_option("#model", "shapes-classifier:1")
+    _upload(page, path)
+    answer = page.evaluate("window.lastAnswer")
+    items = page.locator("#labels li").all_text_contents()
+    assert len(items) == len(answer["labels"]) == 5 and items[0].startswith(answer["labels"][0]["label"])
+
+
+def test_a_bad_file_shows_the_services_message(page, tmp_path) -> None:
+    path = tmp_path / "notes.png"
+    path.write_text("this is not an image")
+    page.select_option("#model", "shapes-classifier:1")
+    _upload(page, path)
+    assert page.text_content("#status") == "400: the data is not an image Pillow can identify"
+    # and the next image is served
+    good = tmp_path / "good.jpg"
+    good.write_bytes(jpeg(scene(503, 160, 120).image))
+    _upload(page, good)
+    assert page.text_content("#status").startswith("Done:")
+    page.screenshot(path=str(tmp_path / "playground.png"))
