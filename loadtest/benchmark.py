@@ -201,13 +201,23 @@ def probe(url: str, data: bytes, fields: dict[str, str], stop: threading.Event) 
 
 def overload(url: str, bodies: wrk.Bodies, image: bytes, fields: dict[str, str], connections: int, seconds: float,
              pid: int | None) -> dict[str, Any]:
-    """``connections`` clients for ``seconds`` beside a one-connection probe."""
+    """``connections`` clients for ``seconds`` beside a one-connection probe; every answer's
+    status is counted, and the 503s that came without Retry-After."""
     rss_before = tree_rss(pid) if pid else 0
     stop = threading.Event()
     result: dict[str, Any] = {}
     t = threading.Thread(target=lambda: result.update(probe(url, image, fields, stop)), daemon=True)
     t.start()
-    row = load_level(url, bodies, connections, seconds, pid)
+    u = urlparse(url)
+    mixed = wrk.write_mixed([(u.path, bodies.content_type, (bodies.folder / f"{i}.body").read_bytes())
+                             for i in range(bodies.count)])
+    base = f"{u.scheme}://{u.netloc}"
+    if pid:
+        with TreeMemory(pid) as mem:
+            row = wrk.run_mixed(base, mixed, connections, seconds)
+        row["rss_peak_mb"], row["rss_end_mb"] = round(mem.peak / MB, 1), round(mem.last / MB, 1)
+    else:
+        row = wrk.run_mixed(base, mixed, connections, seconds)
     stop.set()
     t.join(90)
     row["probe"] = result
@@ -260,11 +270,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-seconds", type=float, default=3.0)
     p.add_argument("--ceiling-seconds", type=float, default=5.0)
     p.add_argument("--overload", type=int, help="hold this many connections instead of the sweep")
+    p.add_argument("--overload-factor", type=float, help="instead of --overload: as many connections as offer this "
+                   "many times the rate sustained at 16 clients (a refused request holds its connection for up to "
+                   "--admission-wait-s)")
+    p.add_argument("--admission-wait-s", type=float, default=1.0, help="the server's CONVSERVE_ADMISSION_WAIT_MS / 1000")
     p.add_argument("--image-size", default="640x480")
     p.add_argument("--json-out", type=Path)
     a = p.parse_args(argv)
     if not wrk.available():
         raise SystemExit("wrk is not installed: apt-get install wrk")
+    if a.overload or a.overload_factor:
+        wrk.raise_fd_limit()  # thousands of connections; the service started below inherits the limit too
     w, h = (int(v) for v in a.image_size.split("x"))
     images = make_images(16, w, h)
     settings = Settings.from_env()
@@ -279,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
             started.append(_start_service(root, a.env))
             url, pid = started[-1].url, started[-1].pid
         naive_url, naive_pid = a.naive_url, a.naive_pid
-        if not naive_url and not a.no_naive and not a.overload:
+        if not naive_url and not a.no_naive and not (a.overload or a.overload_factor):
             started.append(ServerProcess(["-m", "loadtest.naive_server", "--port", "{port}", "--model-root", str(root)],
                                          {}, "/docs"))
             naive_url, naive_pid = started[-1].url, started[-1].pid
@@ -303,15 +319,20 @@ def bench_model(entry: ModelEntry, images: list[bytes], settings: Settings, url:
     bodies = wrk.write_bodies(images, fields)
     target, naive_target = f"{url}/{endpoint}", f"{naive_url}/{endpoint}" if naive_url else None
     wrk.run(target, bodies, max(levels), a.warmup_seconds)  # first batches of every size, lazy imports
-    if a.overload:
+    if a.overload or a.overload_factor:
         sustained = load_level(target, bodies, 16, a.seconds / 4, pid)
-        row = overload(target, bodies, images[0], fields, a.overload, a.seconds, pid)
-        print(f"\n### {entry.ref} under {a.overload} connections for {a.seconds:.0f} s: goodput {row['ok_s']:.1f} req/s "
-              f"({row['ok_s'] / sustained['ok_s']:.2f} of {sustained['ok_s']:.1f} sustained at 16 clients), "
-              f"{row['non_2xx']} refused, {row['socket_errors']} socket errors; admitted probe p50/p99/max "
-              f"{row['probe']['p50_ms']:.0f}/{row['probe']['p99_ms']:.0f}/{row['probe']['max_ms']:.0f} ms over "
-              f"{row['probe']['admitted']} requests; RSS {row['rss_before_mb']} -> peak {row.get('rss_peak_mb')} MB")
-        return {"model": entry.ref, "endpoint": endpoint, "sustained": sustained, "overload": row}
+        connections = a.overload or max(16, round(a.overload_factor * sustained["ok_s"]
+                                                  * (a.admission_wait_s + sustained["mean_ms"] / 1e3)))
+        row = overload(target, bodies, images[0], fields, connections, a.seconds, pid)
+        offered = row["req_s"] / sustained["ok_s"]
+        print(f"\n### {entry.ref} under {connections} connections for {a.seconds:.0f} s: answered {row['req_s']:.1f} "
+              f"req/s = {offered:.1f}x the {sustained['ok_s']:.1f} sustained at 16 clients; goodput {row['ok_s']:.1f} "
+              f"req/s ({row['ok_s'] / sustained['ok_s']:.2f} of sustained); status {row['status']}, "
+              f"{row['503_without_retry_after']} 503 without Retry-After, {row['socket_errors']} socket errors; admitted "
+              f"probe p50/p99/max {row['probe']['p50_ms']:.0f}/{row['probe']['p99_ms']:.0f}/{row['probe']['max_ms']:.0f} "
+              f"ms over {row['probe']['admitted']} requests; RSS {row['rss_before_mb']} -> peak {row.get('rss_peak_mb')} MB")
+        return {"model": entry.ref, "endpoint": endpoint, "sustained": sustained, "overload": row,
+                "connections": connections, "offered_vs_sustained": round(offered, 2)}
     ceil = ceiling(model, images, settings, a.ceiling_seconds)
     del model
     rows = [load_level(target, bodies, c, a.seconds, pid) for c in levels]

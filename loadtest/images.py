@@ -8,6 +8,8 @@ are always JPEG, as phones write them). Deterministic for a given seed.
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -42,3 +44,13 @@ def image_mix(count: int = 20, seed: int = 0) -> list[tuple[str, bytes, str]]:
             img.save(buf, format="JPEG", quality=90)
             out.append((f"img{i}_{w}x{h}.jpg", buf.getvalue(), "image/jpeg"))
     return out
+
+
+def decompression_bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height, with a tiny compressed body: a hostile
+    upload that must be refused from its header (a few hundred bytes claiming gigapixels)."""
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

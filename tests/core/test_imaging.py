@@ -1,6 +1,4 @@
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -8,6 +6,7 @@ from PIL import Image
 
 from core.errors import ImageTooLarge, InvalidImage
 from core.imaging import load_image, load_input
+from loadtest.images import decompression_bomb_png
 
 LIMITS = {"max_bytes": 10_000_000, "max_pixels": 20_000_000}
 
@@ -91,15 +90,6 @@ def test_byte_and_pixel_limits() -> None:
         load_image(data, max_bytes=10, max_pixels=10**9)
     with pytest.raises(ImageTooLarge, match="pixels"):
         load_image(data, max_bytes=10**9, max_pixels=5000)
-
-
-def decompression_bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width x height, with a tiny compressed body."""
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1024, 9)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_decompression_bomb_is_refused_before_decoding() -> None:

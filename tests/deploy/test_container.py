@@ -80,20 +80,61 @@ def _probe(url: str) -> None:
     assert status == 200 and {m["task"] for m in body["models"]} == {"classification", "detection", "segmentation"}
 
 
+FIND_WORKER = ("import os; print(next(p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid() and "
+               "b'_bentoml_impl.worker' in open(f'/proc/{p}/cmdline', 'rb').read()))")
+
+
+def _worker_pid(container: str) -> str:
+    return _run(["docker", "exec", container, "python", "-c", FIND_WORKER]).stdout.strip()
+
+
+IMAGE_LIMIT_BYTES = 1.0e9  # the CPU image: ONNX Runtime's CPU build, no CUDA libraries
+
+
+def test_cpu_image_is_lean(image: str) -> None:
+    size = int(_run(["docker", "image", "inspect", "-f", "{{.Size}}", image]).stdout.strip())
+    print(f"{image}: {size / 1e9:.2f} GB")
+    assert size <= IMAGE_LIMIT_BYTES, f"{size / 1e9:.2f} GB"
+    pkgs = _run(["docker", "run", "--rm", "--entrypoint", "python", image, "-c",
+                 "import importlib.metadata as m; print(' '.join(sorted(d.metadata['Name'].lower() for d in m.distributions())))"])
+    names = pkgs.stdout.split()
+    assert "onnxruntime" in names and "onnxruntime-gpu" not in names and "torch" not in names
+
+
 def test_image_runs_as_non_root_and_serves(image: str) -> None:
     port = free_port()
     name = f"convserve-test-{uuid.uuid4().hex[:8]}"
     _run(["docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", "-e", "CONVSERVE_DEVICE=cpu", image])
     try:
-        _wait_ready(f"http://127.0.0.1:{port}")
-        _probe(f"http://127.0.0.1:{port}")
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url)
+        _probe(url)
         user = _run(["docker", "exec", name, "id", "-u"]).stdout.strip()
         assert user != "0"
         has_torch = _run(["docker", "exec", name, "python", "-c", "import importlib.util as u; print(u.find_spec('torch') is not None)"]).stdout.strip()
         assert has_torch == "False"
+        status, _, body = get(url + "/models")
+        assert all(m["providers"] == ["CPUExecutionProvider"] for m in body["models"])
+        # a killed worker comes back inside the container too (BentoML would not respawn it there)
+        worker = _worker_pid(name)
+        t0 = time.time()
+        _run(["docker", "exec", name, "python", "-c", f"import os; os.kill({worker}, 9)"])
+        time.sleep(1)
+        _wait_ready(url, timeout=60)
+        status, _, body = post(url + "/classify", {"image": ("a.jpg", jpeg(scene(78).image))})
+        assert status == 200, body
+        print(f"container: serving again {time.time() - t0:.1f} s after kill -9 of the worker")
+        assert _worker_pid(name) != worker
+        # docker stop: SIGTERM, drain, exit well before docker's SIGKILL
+        t0 = time.time()
+        _run(["docker", "stop", "-t", "30", name])
+        assert time.time() - t0 < 15
+        exit_code = _run(["docker", "inspect", "-f", "{{.State.ExitCode}}", name]).stdout.strip()
+        assert exit_code != "137", "killed, not drained"
     finally:
         logs = _run(["docker", "logs", name], check=False)
         _run(["docker", "rm", "-f", name], check=False)
+    assert "SIGTERM: draining" in logs.stdout + logs.stderr
     assert "Traceback" not in logs.stdout + logs.stderr
 
 
@@ -127,5 +168,6 @@ def test_compose_file_is_valid() -> None:
         r = _run([exe, *profile, "-f", str(ROOT / "docker-compose.yml"), "config"])
         cfg = r.stdout
         assert "healthcheck" in cfg and "/readyz" in cfg and "restart: unless-stopped" in cfg
+        assert "stop_grace_period: 30s" in cfg and "CONVSERVE_GRACE_S: '25'" in cfg
         if profile:
             assert "driver: nvidia" in cfg and "convserve-gpu" in cfg

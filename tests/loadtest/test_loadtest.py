@@ -75,3 +75,34 @@ def test_benchmark_reports_ceiling_service_and_naive(server, tmp_path: Path) -> 
         assert all(0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] for row in rows), rows
     assert all(row["rss_peak_mb"] > 50 for row in result["service"])
     assert "| clients | service req/s" in r.stdout
+
+
+WRK = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+
+
+@WRK
+def test_soak_records_throughput_errors_and_memory(server, tmp_path: Path) -> None:
+    out = tmp_path / "soak"
+    r = subprocess.run([sys.executable, "-m", "loadtest.soak", "--url", server.url, "--server-pid", str(server.proc.pid),
+                        "--minutes", "0.3", "--interval", "6", "--warmup-minutes", "0.1", "--connections", "2",
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "soak.csv")))
+    assert len(rows) >= 2 and all(float(x["rss_mb"]) > 50 and float(x["req_s"]) > 0 for x in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["good_errors"] == 0 and summary["good_answered_2xx"] > 0
+    assert summary["bad_sent"] > 0 and summary["bad_not_4xx"] == 0 and summary["bad_answered_4xx"] == summary["bad_sent"]
+    assert Image.open(out / "soak.png").size[0] > 400
+
+
+@WRK
+def test_overload_answers_every_request(server, tmp_path: Path) -> None:
+    out = tmp_path / "overload.json"
+    r = subprocess.run([sys.executable, "-m", "loadtest.benchmark", "--url", server.url, "--server-pid", str(server.proc.pid),
+                        "--models", "shapes-detector", "--overload", "200", "--seconds", "4", "--warmup-seconds", "1",
+                        "--json-out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(out.read_text())["models"][0]["overload"]
+    status = {int(k): v for k, v in row["status"].items()}
+    assert row["socket_errors"] == 0 and set(status) <= {200, 503} and row["503_without_retry_after"] == 0
+    assert status.get(200, 0) > 0 and row["probe"]["admitted"] > 0

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.conftest import start_server, stop_server
 from tests.service.helpers import box_iou, get, jpeg, post, scene
-from tests.core.test_imaging import decompression_bomb_png
+from loadtest.images import decompression_bomb_png
 from training.synthetic import SHAPES, render_scene
 
 
