@@ -62,9 +62,17 @@ def _workers() -> int:
 
 INFERENCE_ROUTES = [f"/{e.endpoint}" for e in ENDPOINTS.values()]  # the hot paths (and v2's infer, below)
 
+# The container image. BentoML's default image runs `apt-get install build-essential git ...`
+# (512 MB here) before installing the Python packages; every dependency of convserve is a
+# wheel, so the image needs none of it. A distro name BentoML does not know makes it skip that
+# command (Image.__attrs_post_init__ inserts it only for the distros it knows); the base image
+# and the Python packages (bentofile.yaml / bentofile.gpu.yaml) are as BentoML would pick them.
+IMAGE = bentoml.images.Image(base_image="python:3.11-slim", distro="debian-wheels-only", python_version="3.11")
+
 
 @bentoml.service(
     name="convserve",
+    image=IMAGE,
     workers=_workers(),
     # No max_concurrency: admission control sheds load before bodies are read, with our JSON.
     traffic={"timeout": 120},

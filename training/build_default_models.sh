@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the shipped default models in models/ from scratch (synthetic data, fixed seeds).
-# CPU: about an hour on 2 cores; CUDA: a few minutes. Usage: bash training/build_default_models.sh [STAGE...]
+# CPU: about 1.5 hours on 2 cores; CUDA: a few minutes. Usage: bash training/build_default_models.sh [STAGE...]
 # Stages: data classifier segmenter detector (default: all, in that order).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,14 +19,13 @@ for stage in "${stages[@]}"; do
     classifier)
       python -m training.train classification --train "$DATA/cls/train" --val "$DATA/cls/val" --out "$RUNS/shapes-classifier" \
         --arch mobilenet_v3_small --width-mult 0.75 --size 128 --epochs 30 --batch-size 32 --lr 3e-3
+      # with its embedding (/embed) and class activation maps (/classify?cam=true)
       python -m export.onnx_export "$RUNS/shapes-classifier/best.pt" --name shapes-classifier --version 1 \
-        --dataset "synthetic shapes (training.synthetic, seed 1)" --parity-data "$DATA/cls/val" ;;
+        --dataset "synthetic shapes (training.synthetic, seed 1)" --parity-data "$DATA/cls/val" --embedding --cam ;;
     segmenter)
+      # MobileNetV3-Large x0.5 with LR-ASPP's attention and a decoder to stride 4 (training/segmenters.py)
       python -m training.train segmentation --train "$DATA/seg/train" --val "$DATA/seg/val" --out "$RUNS/shapes-segmenter" \
-        --arch lraspp_mobilenet_v3_large --width-mult 0.5 --size 192 --epochs 10 --batch-size 16 --lr 3e-3
-      # the shipped segmenter then trained 6 epochs more (a second one-cycle schedule via --resume)
-      python -m training.train segmentation --train "$DATA/seg/train" --val "$DATA/seg/val" --out "$RUNS/shapes-segmenter" \
-        --arch lraspp_mobilenet_v3_large --width-mult 0.5 --size 192 --epochs 16 --batch-size 16 --lr 3e-3 --resume
+        --arch fpn_mobilenet_v3_large --width-mult 0.5 --size 192 --epochs 30 --batch-size 16 --lr 3e-3
       python -m export.onnx_export "$RUNS/shapes-segmenter/best.pt" --name shapes-segmenter --version 1 \
         --dataset "synthetic shapes (training.synthetic, seed 1)" --parity-data "$DATA/seg/val" ;;
     detector)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from loadtest.images import decompression_bomb_png
 from tests.conftest import start_server, stop_server
 from tests.service.helpers import box_iou, get, jpeg, post, scene
-from loadtest.images import decompression_bomb_png
 from training.synthetic import SHAPES, render_scene
 
 
@@ -301,3 +301,46 @@ def test_overload_is_an_explicit_503_with_retry_after(tmp_path: Path) -> None:
         _ok(srv)
     finally:
         stop_server(srv.proc)
+
+
+def _shape_scene(seed: int, class_id: int, size: int = 256):
+    rng = np.random.default_rng(seed)
+    return render_scene(rng, size, size, 1, 0.22 * size, 0.3 * size, class_ids=[class_id])
+
+
+def test_embeddings_put_two_crops_of_one_shape_nearer_than_another_shape(server) -> None:
+    """/embed (the shipped classifier's penultimate features): two different crops around the
+    same star are nearer each other than either is to a crop around a circle."""
+    def crop(sc, margin: int, shift: int) -> bytes:
+        x1, y1, x2, y2 = sc.instances[0].bbox_xyxy
+        box = (max(0, x1 - margin + shift), max(0, y1 - margin), min(sc.image.width, x2 + margin + shift),
+               min(sc.image.height, y2 + margin))
+        return jpeg(sc.image.crop(tuple(int(v) for v in box)))
+
+    def embed(data: bytes) -> np.ndarray:
+        status, _, body = post(server.url + "/embed", {"image": ("c.jpg", data)})
+        assert status == 200, body
+        return np.array(body["embedding"])
+
+    for seed in range(3):
+        star, circle = _shape_scene(900 + seed, SHAPES.index("star")), _shape_scene(950 + seed, SHAPES.index("circle"))
+        a, b, c = embed(crop(star, 6, 0)), embed(crop(star, 30, 12)), embed(crop(circle, 10, 0))
+        assert a @ b > max(a @ c, b @ c), (seed, a @ b, a @ c, b @ c)
+
+
+def test_class_activation_maps_light_up_the_shape(server) -> None:
+    """cam=true: the best label's heatmap is hotter on the shape than around it."""
+    import base64
+    import io
+
+    hotter = 0
+    for seed in range(6):
+        sc = _shape_scene(970 + seed, seed % len(SHAPES), 200)
+        status, _, body = post(server.url + "/classify", {"image": ("s.jpg", jpeg(sc.image))}, {"cam": "true", "top_k": "1"})
+        assert status == 200, body
+        (best,) = body["labels"]
+        heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(best["heatmap_png"])))).astype(float)
+        assert heat.shape == (200, 200) and heat.max() == 255
+        mask = sc.instances[0].mask
+        hotter += heat[mask].mean() > heat[~mask].mean()
+    assert hotter >= 5, hotter
