@@ -329,12 +329,13 @@ def test_embeddings_put_two_crops_of_one_shape_nearer_than_another_shape(server)
 
 
 def test_class_activation_maps_light_up_the_shape(server) -> None:
-    """cam=true: the best label's heatmap is hotter on the shape than around it."""
+    """cam=true: the best label's heatmap is mostly hotter on the shape than around it (85% of
+    40 such scenes when measured; a 4x4 map over a 128 px input is coarse)."""
     import base64
     import io
 
-    hotter = 0
-    for seed in range(6):
+    hotter, inside, outside = 0, [], []
+    for seed in range(20):
         sc = _shape_scene(970 + seed, seed % len(SHAPES), 200)
         status, _, body = post(server.url + "/classify", {"image": ("s.jpg", jpeg(sc.image))}, {"cam": "true", "top_k": "1"})
         assert status == 200, body
@@ -343,4 +344,6 @@ def test_class_activation_maps_light_up_the_shape(server) -> None:
         assert heat.shape == (200, 200) and heat.max() == 255
         mask = sc.instances[0].mask
         hotter += heat[mask].mean() > heat[~mask].mean()
-    assert hotter >= 5, hotter
+        inside.append(heat[mask].mean())
+        outside.append(heat[~mask].mean())
+    assert hotter >= 14 and np.mean(inside) > 1.5 * np.mean(outside), (hotter, np.mean(inside), np.mean(outside))

@@ -11,6 +11,7 @@ const $ = (id) => document.getElementById(id);
 const base = new URL("..", window.location.href);  // the service's root, wherever it is mounted
 let models = [];
 let lastFile = null;
+let latest = 0;  // only the most recent request may draw: an earlier one that answers late is ignored
 
 function headers() {
   const key = $("api_key").value.trim();
@@ -75,6 +76,7 @@ async function run(file) {
   const model = current();
   if (!model || !file) return;
   lastFile = file;
+  const mine = ++latest;
   setStatus(`Asking ${model.name}:${model.version}...`);
   $("labels").innerHTML = ""; $("legend").innerHTML = ""; $("timing").textContent = "";
   const t0 = performance.now();
@@ -83,10 +85,11 @@ async function run(file) {
     response = await fetch(new URL(ENDPOINT[model.task], base), {method: "POST", body: form(model, file), headers: headers()});
     body = await response.json();
   } catch (e) {
-    setStatus("The request failed: " + e.message, true);
+    if (mine === latest) setStatus("The request failed: " + e.message, true);
     return;
   }
   const roundTrip = performance.now() - t0;
+  if (mine !== latest) return;
   if (!response.ok) {
     setStatus(`${response.status}: ${body.error ? body.error.message : JSON.stringify(body)}`, true);
     return;
@@ -97,7 +100,9 @@ async function run(file) {
   } catch (e) {
     bitmap = null;  // the service decoded it, the browser cannot (e.g. TIFF): draw on a blank canvas
   }
+  if (mine !== latest) return;
   await draw(model, body, bitmap);
+  if (mine !== latest) return;
   const t = body.timing;
   $("timing").textContent = `decode ${t.decode_ms} ms, inference ${t.inference_ms} ms (batch ${t.batch_size}), ` +
     `postprocess ${t.postprocess_ms} ms\nservice ${t.total_ms} ms, round trip ${roundTrip.toFixed(1)} ms`;
