@@ -77,6 +77,21 @@ def to_onnx(module: nn.Module, model: ConvNet, contract: ModelContract, path: Pa
                       dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
 
 
+def cam_macs(model: ConvNet, contract: ModelContract) -> int:
+    """The class activation maps' multiply-adds per image (training.classifiers.cam_cost);
+    warns on stderr when they are many (an MLP head over many classes)."""
+    from training.classifiers import cam_cost
+
+    i = contract.input
+    with torch.no_grad():
+        shape = tuple(model.features(torch.zeros(1, i.height, i.width, i.channels, dtype=torch.uint8)).shape[1:])
+    macs = cam_cost(model.head, shape, len(contract.labels))
+    if macs > 5e8:
+        print(f"warning: --cam costs about {macs / 1e9:.1f} G multiply-adds per image for {len(contract.labels)} "
+              "classes with this head; every /classify request pays it", file=sys.stderr)
+    return int(macs)
+
+
 def attach_contract(path: Path, contract: ModelContract) -> onnx.ModelProto:
     """Write the contract into metadata_props, check graph and contract agree, run the checker."""
     model = onnx.load(str(path))
@@ -102,6 +117,8 @@ def export(checkpoint: Path, name: str, version: str, models_dir: Path, dataset:
     sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     contract = graph_contract(model, cfg["task"], cfg["classes"], cfg["size"], fixed_batch, cfg.get("channels") or 3)
     contract = contract.with_provenance(**provenance(cfg, metrics, dataset, sha))
+    if "cam" in extras:
+        contract = contract.with_provenance(cam_macs_per_image=cam_macs(model, contract))
     out = models_dir / name / version / "model.onnx"
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"

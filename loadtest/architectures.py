@@ -7,9 +7,9 @@ Usage (README "Architectures")::
     python -m loadtest.architectures --arch resnet18,vgg16 --threads 2
 
 Random weights (speed does not depend on them); each graph is exported with
-export.onnx_export.to_onnx, as training would export it (classifiers with their embedding
-and CAM outputs), loaded with the service's session options (core.runtime), warmed up, then
-timed: median of ``--repeats`` single-image runs, and images per second over batches of 8
+export.onnx_export.to_onnx as training would export it (the task's outputs; ``--extras``
+adds a classifier's embedding and class activation maps), loaded with the service's session
+options (core.runtime), warmed up, then timed: median of ``--repeats`` single-image runs, and images per second over batches of 8
 for ``--seconds``. The one-image-per-call detectors (SSDlite, Faster R-CNN) report their
 throughput one image at a time.
 """
@@ -31,7 +31,8 @@ from core.runtime import OnnxModel
 CLASSES = {"classification": 1000, "segmentation": 21, "detection": 80}  # ImageNet / VOC / COCO sized heads
 
 
-def measure(task: str, arch: str, size: int | None, threads: int, repeats: int, seconds: float) -> dict[str, Any]:
+def measure(task: str, arch: str, size: int | None, threads: int, repeats: int, seconds: float,
+            extras: bool = False) -> dict[str, Any]:
     import onnx
 
     from export.onnx_export import attach_contract, to_onnx
@@ -41,7 +42,7 @@ def measure(task: str, arch: str, size: int | None, threads: int, repeats: int, 
     size = size or default_size(arch)
     classes = [f"c{i}" for i in range(CLASSES[task])]
     model = build_model(task, arch, len(classes)).eval()
-    if task == "classification":
+    if task == "classification" and extras:
         model.with_extras(["embedding", "cam"])
     contract = graph_contract(model, task, classes, size)
     params = sum(p.numel() for p in model.parameters())
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2: this machine's cores)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--extras", action="store_true", help="classifiers with their embedding and CAM outputs")
+    p.add_argument("--classes", type=int, help="class count for every head (default: 1000 / 21 / 80 by task)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     wanted = a.arch.split(",") if a.arch else None
@@ -89,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         for arch in archs:
             if wanted and arch not in wanted:
                 continue
-            row = measure(task, arch, a.size, a.threads, a.repeats, a.seconds)
+            if a.classes:
+                CLASSES[task] = a.classes
+            row = measure(task, arch, a.size, a.threads, a.repeats, a.seconds, a.extras)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| task | architecture | input | parameters | ONNX | batch 1 latency | batch 8 throughput |")

@@ -154,7 +154,7 @@ def chart(rows: list[dict[str, Any]], path: Path, warmup_s: float) -> None:
     import matplotlib.pyplot as plt
 
     t = [r["t_s"] / 60 for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     ax.plot(t, [r["req_s"] for r in rows], color="tab:blue", label="req/s (mixed load)")
     ax.set_xlabel("minutes")
     ax.set_ylabel("requests / s", color="tab:blue")
@@ -167,8 +167,8 @@ def chart(rows: list[dict[str, Any]], path: Path, warmup_s: float) -> None:
         ax2.set_ylim(bottom=0, top=max(r["rss_peak_mb"] for r in rows) * 1.3)
     ax.axvline(warmup_s / 60, color="grey", linestyle=":", label="end of warm-up")
     ax.set_title("convserve soak: throughput and memory")
-    fig.legend(loc="lower right")
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=4, fontsize="small")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -32,6 +32,15 @@ class Overloaded(ServiceError):
     status, type = 503, "overloaded"
 
 
+class V2Error(Exception):
+    """A request the Open Inference Protocol layer (service.v2) refuses; ``status`` is a 4xx
+    (or 503). Answered as the protocol's ``{"error": "..."}``."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
 # Domain error -> (status, type). Anything else reaching a handler is a 500 "internal".
 STATUS_OF: dict[type[Exception], tuple[int, str]] = {
     InvalidImage: (400, "invalid_image"),

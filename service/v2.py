@@ -22,7 +22,8 @@ service.app routes ``/v2...`` here. Per model:
   ``max_detections``); other parameters are ignored, as the protocol allows.
 
 Every problem is a :class:`V2Error` with a 4xx status and a message naming it; the HTTP
-layer answers ``{"error": "..."}``.
+layer answers ``{"error": "..."}``. Imported by service.app only when a v2 route is used
+(it loads NumPy and ONNX Runtime, which BentoML's supervising process never needs).
 """
 
 from __future__ import annotations
@@ -32,13 +33,16 @@ import binascii
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core import postprocess
 from core.tasks import TASKS, Task
-from service.repository import ServedModel
+from service.errors import V2Error
+
+if TYPE_CHECKING:
+    from service.repository import ServedModel
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
@@ -58,14 +62,6 @@ TASK_OUTPUTS: dict[str, dict[str, tuple[str, list[int]]]] = {
     "classification": {},
 }
 CLASS_MAP_PAD = 255
-
-
-class V2Error(Exception):
-    """A request the protocol layer refuses; ``status`` is a 4xx (or 503)."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def bad(message: str) -> V2Error:

@@ -260,3 +260,13 @@ def head_outputs(head: list[nn.Module], features: torch.Tensor, want_cam: bool
         alpha = grad.mean(dim=(3, 4))
     cam = F.relu(torch.einsum("nck,nkhw->nchw", alpha, features))
     return logits, embedding, cam
+
+
+def cam_cost(head: list[nn.Module], features_shape: tuple[int, int, int], classes: int) -> int:
+    """Multiply-adds per image of :func:`head_outputs`' class activation maps: ``classes``
+    times every hidden linear layer's size, plus the weighting of the [K, h, w] features.
+    Small for a pooled linear head (ResNet, GoogLeNet); for MLP heads it grows with
+    classes x hidden x inputs (1000-class VGG-16: about 10^11, a hundred times the network)."""
+    k, h, w = features_shape
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    return classes * (sum(m.in_features * m.out_features for m in linears[:-1]) + k * h * w)
