@@ -247,7 +247,7 @@ class Embedding(Classification):
         from core import postprocess
 
         vector = postprocess.l2_normalize(outputs[contract.outputs.embedding])
-        return {"embedding": [round(float(v), 7) for v in vector], "dimensions": int(vector.shape[0])}
+        return {"embedding": [round(float(v), 7) + 0.0 for v in vector], "dimensions": int(vector.shape[0])}  # no -0.0
 
 
 class _ClassificationScorer:

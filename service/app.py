@@ -147,10 +147,8 @@ def _failure(exc: Exception, endpoint: str, v2_shape: bool) -> tuple[int, bytes,
     extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     if status in (401, 408, 413, 503) and not any(k == b"connection" for k, _ in extra):
         extra.append((b"connection", b"close"))
-    if v2_shape:
-        body = json.dumps({"error": message}).encode()
-    else:
-        body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+    doc = {"error": message} if v2_shape else {"error": {"type": type_, "message": message}}
+    body = json.dumps(doc, separators=(",", ":")).encode()
     return status, body, b"application/json", extra, type_
 
 

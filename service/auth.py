@@ -80,10 +80,8 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         status, type_, message = refusal
-        if path.startswith("/v2"):
-            body = json.dumps({"error": message}).encode()
-        else:
-            body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+        doc = {"error": message} if path.startswith("/v2") else {"error": {"type": type_, "message": message}}
+        body = json.dumps(doc, separators=(",", ":")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close")]
         if status == 401:

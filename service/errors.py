@@ -136,7 +136,7 @@ async def _send_rewritten(send: Any, start: dict, body: bytes) -> None:
         type_ = "invalid_parameter" if status == 400 and detail is not None else _TYPE_BY_STATUS.get(status, "error")
         if status == 400 and detail is not None:
             status = 422
-        new_body = json.dumps(error_body(type_, message, detail)).encode()
+        new_body = json.dumps(error_body(type_, message, detail), separators=(",", ":")).encode()
     headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
     headers += [(b"content-type", b"application/json"), (b"content-length", str(len(new_body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
