@@ -67,20 +67,19 @@ def annotate(image: Image.Image, task: str, result: dict[str, Any], labels: list
             draw.rectangle(d["box"], outline=c, width=width)
             _label(draw, (d["box"][0], d["box"][1]), f"{d['label']} {d['score']:.2f}", c, font)
     elif task == "classification":
-        y = 0.0
-        for item in result["labels"]:
-            text = f"{item['label']} {item['score']:.3f}"
-            box = draw.textbbox((0, 0), text, font=font)
-            y += box[3] - box[1] + 6
-            _label(draw, (0, y), text, colour(item["label_id"]), font)
+        _legend(draw, [(f"{i['label']} {i['score']:.3f}", i["label_id"]) for i in result["labels"]], font)
     elif task == "segmentation":
-        y = 0.0
-        for item in result["classes"]:
-            text = f"{item['label']} ({item['area']} px)"
-            box = draw.textbbox((0, 0), text, font=font)
-            y += box[3] - box[1] + 6
-            _label(draw, (0, y), text, colour(item["label_id"]), font)
+        _legend(draw, [(f"{i['label']} ({i['area']} px)", i["label_id"]) for i in result["classes"]], font)
     return canvas
+
+
+def _legend(draw: ImageDraw.ImageDraw, lines: list[tuple[str, int]], font: Any) -> None:
+    """One labelled box per (text, label_id) line, down the top-left corner."""
+    y = 0.0
+    for text, label_id in lines:
+        box = draw.textbbox((0, 0), text, font=font)
+        y += box[3] - box[1] + 6
+        _label(draw, (0, y), text, colour(label_id), font)
 
 
 def _png(b64: str) -> np.ndarray:

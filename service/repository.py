@@ -192,24 +192,20 @@ class ModelRepository:
                 raise ModelNotFound(f"no model that serves /{task.endpoint} is loaded")
             ref = candidates[0]
         name, _, version = ref.partition(":")
-        if name not in models:
-            raise ModelNotFound(f"unknown model {name!r}; loaded: {sorted(models)}")
-        versions = models[name]
-        version = version or max(versions, key=version_key)
-        if version not in versions:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {sorted(versions, key=version_key)}")
-        served = versions[version]
+        served = self.lookup(name, version or None, models)
         c = served.model.contract
         if c.task != task.name:
-            raise WrongTask(f"model {name}:{version} is a {c.task} model, not {task.name}; use /{TASKS[c.task].endpoint}")
+            raise WrongTask(f"model {served.ref} is a {c.task} model, not {task.name}; use /{TASKS[c.task].endpoint}")
         if not task.serves(c):
-            raise WrongTask(f"model {name}:{version} has no {', '.join(task.requires)} output, so it cannot serve "
+            raise WrongTask(f"model {served.ref} has no {', '.join(task.requires)} output, so it cannot serve "
                             f"/{task.endpoint} (export it with --{task.requires[0]})")
         return served
 
-    def lookup(self, name: str, version: str | None = None) -> ServedModel:
-        """The model ``name`` (its default version, or ``version``), whatever its task; ModelNotFound."""
-        models = self.models
+    def lookup(self, name: str, version: str | None = None,
+               models: dict[str, dict[str, ServedModel]] | None = None) -> ServedModel:
+        """The model ``name`` (its default version, or ``version``), whatever its task, from
+        ``models`` (default: the ones served now); ModelNotFound."""
+        models = self.models if models is None else models
         if name not in models:
             raise ModelNotFound(f"unknown model {name!r}; loaded: {sorted(models)}")
         versions = models[name]
