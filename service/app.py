@@ -114,7 +114,10 @@ async def _admitted(scope: Scope, receive: Receive, send: Send, endpoint: str, h
         # clients' reconnections then wait in the kernel's listen backlog, at no cost to us).
         status, body, content_type, extra, type_ = _failure(exc, endpoint, v2_errors)
         metrics.error(endpoint, type_)
-        linger = status == 413 and ticket is not None  # refused while the body still arrives
+        # Refused by its declared length while the body still arrives: read a bounded amount so
+        # the client reads the answer (a chunked body over the limit is cut off at once).
+        declared = headers.get("content-length", "")
+        linger = status == 413 and ticket is not None and declared.isdigit() and int(declared) <= LINGER_BYTES
     finally:
         if ticket is not None:
             ticket.release()
