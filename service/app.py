@@ -372,6 +372,8 @@ async def v2_infer(scope: Scope, receive: Receive, send: Send) -> None:
         tensors = await service.pipeline.in_pool(v2.task_tensors, task, names, ran.outputs, geometries, served, options)
         out = []
         for req in request.outputs:
+            if not request.explicit and req.name not in tensors and not v2.stackable(req.name, ran.outputs):
+                continue  # not asked for by name, and it has no batch form: the task tensors stand for it
             if req.classification is not None:
                 out.append((req, v2.classification_strings(served, ran.outputs, req.classification)))
             elif req.name in tensors:

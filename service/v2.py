@@ -115,6 +115,7 @@ class InferRequest:
     arrays: np.ndarray | None           # model-ready uint8 [N, H, W, C] (UINT8 input)
     outputs: list[Requested]
     options: dict[str, str] = field(default_factory=dict)  # task options, as raw strings
+    explicit: bool = True  # the request named its outputs (else: every output that applies)
 
     @property
     def count(self) -> int:
@@ -251,7 +252,8 @@ def parse_infer(body: bytes, header_length: int | None, served: ServedModel, max
     task = TASKS[served.model.contract.task]
     options = {o.name: _option_text(doc_params[o.name]) for o in task.options if o.name != "model" and o.name in doc_params}
     request_id = doc.get("id")
-    return InferRequest(request_id if isinstance(request_id, str) else None, images, arrays, outputs, options)
+    return InferRequest(request_id if isinstance(request_id, str) else None, images, arrays, outputs, options,
+                        explicit=doc.get("outputs") is not None)
 
 
 def _option_text(value: Any) -> str:
@@ -326,11 +328,17 @@ def classification_strings(served: ServedModel, outputs: list[dict[str, np.ndarr
     return np.array([r + [b""] * (width - len(r)) for r in rows], dtype=object)
 
 
+def stackable(name: str, outputs: list[dict[str, np.ndarray]]) -> bool:
+    """Whether every image's ``name`` tensor has one shape (a graph of one image per call, such
+    as Faster R-CNN's, gives each image as many boxes as it found)."""
+    return len({o[name].shape for o in outputs}) == 1
+
+
 def raw_tensor(name: str, outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
     """A graph output for the whole request: the images' tensors (core.tasks splits them per
     image) stacked on a batch axis."""
     values = [o[name] for o in outputs]
-    if len({v.shape for v in values}) > 1:
+    if not stackable(name, outputs):
         raise bad(f"output {name!r} has a different shape for each image (a graph of one image per call); "
                   "send one image per request, or ask for the task outputs")
     return np.stack(values)

@@ -94,3 +94,19 @@ def test_faster_rcnn_is_served_one_image_per_graph_call(arch_server) -> None:
         for d in result["detections"]:
             assert 0 <= d["box"][0] <= d["box"][2] <= 160 and 0 <= d["box"][1] <= d["box"][3] <= 120
             assert d["label"] in ("circle", "square", "triangle", "hexagon", "star")
+
+
+def test_faster_rcnn_over_v2_answers_task_tensors_for_several_images(arch_server) -> None:
+    """A one-image-per-call graph's raw outputs may differ in shape per image (as many boxes as
+    it found): without named outputs the answer carries the task tensors, always batched."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(arch_server.url.removeprefix("http://"))
+    inp = triton.InferInput("images", [3], "BYTES")
+    inp.set_data_from_numpy(np.array([jpeg(scene(95 + i, 160, 120).image) for i in range(3)], dtype=object))
+    result = client.infer("fasterrcnn-mobilenet-v3-large-320-fpn", [inp], parameters={"score_threshold": 0.0})
+    names = {o["name"] for o in result.get_response()["outputs"]}
+    assert {"detection_boxes", "num_detections"} <= names
+    assert result.as_numpy("num_detections").shape == (3,)
+    assert result.as_numpy("detection_boxes").shape[:1] == (3,)

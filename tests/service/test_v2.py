@@ -172,3 +172,15 @@ def test_hand_made_requests(server) -> None:
     assert out["datatype"] == "BYTES" and out["shape"] == [1, 2] and out["data"][0].count(":") == 2
     status, _, body = request(server.url, "GET", "/v2/models/shapes-classifier/versions/1")
     assert status == 200 and body["inputs"][0]["name"] == "images"
+
+
+def test_raw_outputs_of_different_shapes_have_no_batch_form() -> None:
+    from service import v2
+    from service.errors import V2Error
+
+    same = [{"boxes": np.zeros((4, 4))}, {"boxes": np.ones((4, 4))}]
+    assert v2.raw_tensor("boxes", same).shape == (2, 4, 4)
+    ragged = [{"boxes": np.zeros((3, 4))}, {"boxes": np.zeros((5, 4))}]
+    assert not v2.stackable("boxes", ragged)
+    with pytest.raises(V2Error, match="different shape for each image"):
+        v2.raw_tensor("boxes", ragged)
