@@ -8,7 +8,7 @@ from pathlib import Path
 
 from export.quantize import quantize
 from tests.conftest import ROOT, start_server, stop_server
-from tests.service.helpers import get, jpeg, post
+from tests.service.helpers import get, post
 from training.synthetic import write_classification
 
 
