@@ -26,10 +26,11 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from core import __version__
-from core.errors import ImageTooLarge, InvalidImage, ModelNotFound
+from core.errors import ImageTooLarge, InvalidImage, InvalidOption, ModelNotFound
+from core.repository import version_key
 from core.tasks import ENDPOINTS, TASKS, Task
 from service import metrics
-from service.errors import V2Error, client_error
+from service.errors import V2Error, client_error, error_json, send_response
 from service.schemas import RESPONSES, ErrorBody, ModelList, ReloadAnswer, V2Error as V2ErrorBody
 from service.schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2RepositoryEntry, V2ServerMetadata
 from service.uploads import IMAGE_FIELD, RAW_TYPES, Limits, TrackedReceive, discard_body, read_body, read_upload
@@ -73,11 +74,8 @@ def _query(raw: bytes) -> dict[str, str]:
     return dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True)) if raw else {}
 
 
-async def _send(send: Send, status: int, body: bytes, content_type: bytes,
-                extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *(extra or [])]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def _json(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 Handler = Callable[["ConvServe", Any], Awaitable[tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]]]
@@ -127,7 +125,7 @@ async def _admitted(scope: Scope, receive: Receive, send: Send, endpoint: str, h
         await discard_body(receive, LINGER_BYTES)
         if not receive.ended and not any(k == b"connection" for k, _ in extra):
             extra.append((b"connection", b"close"))  # the body did not end in time: this connection is done
-    await _send(send, status, body, content_type, extra)
+    await send_response(send, status, body, content_type, extra)
     if service.settings.access_log:
         access.info("%s %s %d %.1f ms %d bytes", scope["method"], scope["path"], status,
                     (time.perf_counter() - started) * 1e3, len(body))
@@ -137,22 +135,18 @@ def _failure(exc: Exception, endpoint: str, v2_shape: bool) -> tuple[int, bytes,
     """(status, body, content type, headers, error type) for a failed request; refusals close
     the connection (the rest of the body is not worth reading)."""
     if isinstance(exc, V2Error):
-        status, message, headers, type_ = exc.status, exc.message, exc.headers, "invalid_request"
+        status, type_, message, headers = exc.status, "invalid_request", exc.message, exc.headers
     else:
         known = client_error(exc)
         if known is None:
             log.exception("/%s failed", endpoint)
             status, type_, message, headers = 500, "internal", "the model failed on this input; the server log has details", {}
         else:
-            type_, response = known
-            status, message = response.status_code, json.loads(response.body)["error"]["message"]
-            headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+            status, type_, message, headers = known
     extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     if status in (401, 408, 413, 503) and not any(k == b"connection" for k, _ in extra):
         extra.append((b"connection", b"close"))
-    doc = {"error": message} if v2_shape else {"error": {"type": type_, "message": message}}
-    body = json.dumps(doc, separators=(",", ":")).encode()
-    return status, body, b"application/json", extra, type_
+    return status, error_json(type_, message, v2=v2_shape), b"application/json", extra, type_
 
 
 # --- the task endpoints -------------------------------------------------------------------------
@@ -164,8 +158,6 @@ def render_format(headers: dict[str, str], options: dict[str, str]) -> str | Non
     if raw is not None:
         key = raw.strip().lower()
         if key not in RENDER_CHOICES:
-            from core.errors import InvalidOption
-
             raise InvalidOption("render", f"must be png, jpeg, true or false; got {raw[:40]!r}")
         return RENDER_CHOICES[key]
     accept = headers.get("accept", "").lower()
@@ -188,7 +180,7 @@ async def _infer(scope: Scope, receive: Receive, send: Send, task: Task) -> None
             return 200, data, RENDER_TYPES[fmt], []
         body, served = await service.pipeline.answer(task, upload)
         metrics.answered(served.ref, task.endpoint, body["timing"]["total_ms"] / 1e3)
-        return 200, json.dumps(body, separators=(",", ":")).encode(), b"application/json", []
+        return 200, _json(body), b"application/json", []
 
     await _admitted(scope, receive, send, task.endpoint, handle)
 
@@ -288,10 +280,6 @@ async def reload_models(request: Request) -> dict[str, Any]:
 # service.v2 (NumPy, ONNX Runtime) is imported by the handlers, on first use: importing this
 # module, as BentoML's supervising process does, must not load the model stack.
 
-def _v2_json(doc: Any, status: int = 200) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
-    return status, json.dumps(doc, separators=(",", ":")).encode(), b"application/json", []
-
-
 async def _v2_simple(scope: Scope, send: Send, answer: Callable[["ConvServe"], tuple[int, Any]]) -> None:
     """A v2 GET: ``answer`` gives (status, JSON document); ModelNotFound is a 404 in the v2 shape."""
     service = _service(scope["app"])
@@ -299,7 +287,7 @@ async def _v2_simple(scope: Scope, send: Send, answer: Callable[["ConvServe"], t
         status, doc = answer(service)
     except ModelNotFound as exc:
         status, doc = 404, {"error": str(exc)}
-    await _send(send, status, json.dumps(doc, separators=(",", ":")).encode(), b"application/json")
+    await send_response(send, status, _json(doc), b"application/json")
 
 
 def _params(scope: Scope) -> tuple[str, str | None]:
@@ -328,8 +316,6 @@ async def v2_model(scope: Scope, receive: Receive, send: Send) -> None:
 
     def answer(s: "ConvServe") -> tuple[int, Any]:
         served = s.repo.lookup(name, version)
-        from core.repository import version_key
-
         return 200, v2.model_metadata(served, sorted(s.repo.models.get(name, {}), key=version_key))
 
     await _v2_simple(scope, send, answer)
@@ -367,19 +353,8 @@ async def v2_infer(scope: Scope, receive: Receive, send: Send) -> None:
                 raise type(exc)(f"input {served.model.contract.input.name!r}: {exc}") from None
         else:
             ran = await service.pipeline.run_arrays(served, request.arrays)
-        names = {r.name for r in request.outputs}
         geometries = [p.geometry for p in ran.prepared]
-        tensors = await service.pipeline.in_pool(v2.task_tensors, task, names, ran.outputs, geometries, served, options)
-        out = []
-        for req in request.outputs:
-            if not request.explicit and req.name not in tensors and not v2.stackable(req.name, ran.outputs):
-                continue  # not asked for by name, and it has no batch form: the task tensors stand for it
-            if req.classification is not None:
-                out.append((req, v2.classification_strings(served, ran.outputs, req.classification)))
-            elif req.name in tensors:
-                out.append((req, tensors[req.name]))
-            else:
-                out.append((req, v2.raw_tensor(req.name, ran.outputs)))
+        out = await service.pipeline.in_pool(v2.response_tensors, request, task, served, ran.outputs, geometries, options)
         payload, header_length = v2.encode_response(served, request.id, out)
         metrics.answered(served.ref, "v2", ran.inferred - ran.started)
         if header_length is None:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from typing import Any
+
+from service.errors import error_json, send_response
 
 OPEN_PREFIXES = ("/static_content/", "/playground")
 OPEN_PATHS = frozenset({"/", "/docs.json", "/favicon.ico"})
@@ -80,14 +81,11 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         status, type_, message = refusal
-        doc = {"error": message} if path.startswith("/v2") else {"error": {"type": type_, "message": message}}
-        body = json.dumps(doc, separators=(",", ":")).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
+        headers = [(b"connection", b"close")]
         if status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="convserve"'))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_response(send, status, error_json(type_, message, v2=path.startswith("/v2")), b"application/json",
+                            headers)
 
     def _refusal(self, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, str, str] | None:
         if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
@@ -101,6 +99,6 @@ class AuthMiddleware:
         if not self.users or (path in HEALTH_PATHS and not self.protect_health):
             return None
         key = presented_key(headers)
-        if self.users.accepts(key) or (self.admins and self.admins.accepts(key)):
+        if self.users.accepts(key) or self.admins.accepts(key):
             return None
         return 401, "unauthorized", ("a valid API key is needed: send Authorization: Bearer <key> or X-API-Key: <key>")

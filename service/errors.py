@@ -2,16 +2,16 @@
 
 Every error the service returns is ``{"error": {"type": ..., "message": ...}}``. Anything a
 client can fix is a 4xx; load shedding is a 503 with Retry-After. core raises domain errors
-(core.errors); :func:`error_response` maps them here, and ServiceError subclasses cover
-what only the HTTP layer knows about (a full queue, a malformed request).
+(core.errors); :func:`client_error` maps them here, and ServiceError subclasses cover
+what only the HTTP layer knows about (a full queue, a malformed request). Under /v2 the
+shape is the protocol's ``{"error": "..."}`` (:func:`error_json`). :func:`send_response`
+is how every raw ASGI handler and middleware of the service sends a whole answer.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from starlette.responses import JSONResponse
+from typing import Any, NamedTuple
 
 from core.errors import ImageTooLarge, InvalidImage, InvalidOption, ModelNotFound, WrongTask
 
@@ -58,19 +58,36 @@ def error_body(type_: str, message: str, detail: Any = None) -> dict[str, Any]:
     return {"error": err}
 
 
-def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(type_, message), status_code=status, headers=headers)
+def error_json(type_: str, message: str, v2: bool = False, detail: Any = None) -> bytes:
+    """The compact JSON body of an error: the service's envelope, or the v2 protocol's shape."""
+    doc = {"error": message} if v2 else error_body(type_, message, detail)
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def client_error(exc: Exception) -> tuple[str, JSONResponse] | None:
-    """The error type and JSON response for an error the client caused (or load shedding);
+class ClientError(NamedTuple):
+    status: int
+    type: str
+    message: str
+    headers: dict[str, str]
+
+
+def client_error(exc: Exception) -> ClientError | None:
+    """Status, type, message and headers for an error the client caused (or load shedding);
     None for anything else."""
     if isinstance(exc, ServiceError):
-        return exc.type, error_response(exc.status, exc.type, exc.message, exc.headers)
+        return ClientError(exc.status, exc.type, exc.message, exc.headers)
     for cls, (status, type_) in STATUS_OF.items():
         if isinstance(exc, cls):
-            return type_, error_response(status, type_, str(exc))
+            return ClientError(status, type_, str(exc), {})
     return None
+
+
+async def send_response(send: Any, status: int, body: bytes, content_type: bytes,
+                        headers: list[tuple[bytes, bytes]] | tuple[()] = ()) -> None:
+    """One whole ASGI answer: start (content type, length, ``headers``) and body."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 _TYPE_BY_STATUS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
@@ -136,8 +153,6 @@ async def _send_rewritten(send: Any, start: dict, body: bytes) -> None:
         type_ = "invalid_parameter" if status == 400 and detail is not None else _TYPE_BY_STATUS.get(status, "error")
         if status == 400 and detail is not None:
             status = 422
-        new_body = json.dumps(error_body(type_, message, detail), separators=(",", ":")).encode()
+        new_body = error_json(type_, message, detail=detail)
     headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
-    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(new_body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": new_body})
+    await send_response(send, status, new_body, b"application/json", headers)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from core import __version__
+from service.errors import send_response
 
 INDEX = Path(__file__).resolve().parent / "static" / "index.html"
 DESCRIPTION = """Classification, detection and segmentation CNNs on ONNX Runtime (CPU or CUDA).
@@ -42,7 +43,7 @@ class PagesMiddleware:
             await self.app(scope, receive, send)
             return
         if scope["path"] == "/":
-            await _answer(send, 200, self.index, b"text/html; charset=utf-8")
+            await send_response(send, 200, self.index, b"text/html; charset=utf-8")
             return
         start: dict = {}
         chunks: list[bytes] = []
@@ -57,16 +58,10 @@ class PagesMiddleware:
         body = b"".join(chunks)
         if start.get("status") == 200:
             body = json.dumps(rewrite_spec(json.loads(body))).encode()
-        await _answer(send, start.get("status", 500), body, b"application/json")
+        await send_response(send, start.get("status", 500), body, b"application/json")
 
 
 def rewrite_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """convserve's title, version and description in BentoML's generated document."""
     spec["info"] = {"title": "convserve", "version": __version__, "description": DESCRIPTION}
     return spec
-
-
-async def _answer(send: Any, status: int, body: bytes, content_type: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})

@@ -105,8 +105,8 @@ async def read_body(headers: dict[str, str], receive: Receive, limits: Limits,
     length = _content_length(headers, limits.max_bytes)
     body = bytearray()
     await _stream(receive, limits, length, on_bytes, body.extend)
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
+    encoding = _content_encoding(headers)
+    if encoding is None:
         return bytes(body)
     if encoding not in ("gzip", "deflate"):
         raise UploadError(415, "unsupported_media_type", f"Content-Encoding {encoding[:40]!r} is not accepted "
@@ -153,9 +153,15 @@ async def discard_body(receive: TrackedReceive, max_bytes: int, seconds: float =
         seen += len(message.get("body", b""))
 
 
+def _content_encoding(headers: dict[str, str]) -> str | None:
+    """The body's Content-Encoding, lower case; None for none (or identity)."""
+    encoding = headers.get("content-encoding", "").strip().lower()
+    return None if encoding in ("", "identity") else encoding
+
+
 def _identity_only(headers: dict[str, str]) -> None:
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
+    encoding = _content_encoding(headers)
+    if encoding is not None:
         raise UploadError(415, "unsupported_media_type", f"Content-Encoding {encoding[:40]!r} is not accepted here: "
                           "send the image uncompressed (images are compressed already)")
 

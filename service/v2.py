@@ -317,6 +317,23 @@ def task_tensors(task: Task, names: set[str], outputs: list[dict[str, np.ndarray
     return {k: v for k, v in out.items() if k in names}
 
 
+def response_tensors(request: InferRequest, task: Task, served: "ServedModel", outputs: list[dict[str, np.ndarray]],
+                     geometries: list[Any], options: dict[str, Any]) -> list[tuple[Requested, np.ndarray]]:
+    """Every requested output as an array: classification strings, task tensors or the graph's
+    own; without named outputs, a graph output with no batch form (one-image graphs give each
+    image as many boxes as it found) is left to the task tensors."""
+    tensors = task_tensors(task, {r.name for r in request.outputs}, outputs, geometries, served, options)
+    out = []
+    for req in request.outputs:
+        if req.classification is not None:
+            out.append((req, classification_strings(served, outputs, req.classification)))
+        elif req.name in tensors:
+            out.append((req, tensors[req.name]))
+        elif request.explicit or stackable(req.name, outputs):
+            out.append((req, raw_tensor(req.name, outputs)))
+    return out
+
+
 def classification_strings(served: ServedModel, outputs: list[dict[str, np.ndarray]], k: int) -> np.ndarray:
     """BYTES [N, k] of ``score:index:label``, best first, with /classify's scores."""
     c = served.model.contract
