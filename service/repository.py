@@ -50,14 +50,8 @@ def check_repository(settings: Settings) -> list[ModelEntry]:
     be met. Raises RepositoryError naming the file."""
     found = discover(settings.model_root)
     for entry in found:
-        try:
-            model = OnnxModel.load(entry.path, entry.name, entry.version, "cpu", 1)
-        except InvalidModel as exc:
-            raise RepositoryError(f"{entry.path}: invalid model: {exc}") from None
-        try:
-            warm_up(model, settings.max_batch_for(model.providers), 1)
-        except Exception as exc:  # whatever the graph raises: the worker's warm-up would too
-            raise RepositoryError(f"{entry.path}: the model fails on a warm-up batch: {exc}") from None
+        model = open_model(entry, "cpu", 1)
+        checked_warm_up(model, settings.max_batch_for(model.providers))
     if settings.device == "cuda":
         from core.runtime import create_session
 
@@ -66,6 +60,23 @@ def check_repository(settings: Settings) -> list[ModelEntry]:
         except DeviceUnavailable as exc:
             raise RepositoryError(str(exc)) from None
     return found
+
+
+def open_model(entry: ModelEntry, device: str, threads: int) -> OnnxModel:
+    """``entry``'s file in ONNX Runtime, its contract checked; RepositoryError naming the file."""
+    try:
+        return OnnxModel.load(entry.path, entry.name, entry.version, device, threads)
+    except InvalidModel as exc:
+        raise RepositoryError(f"{entry.path}: invalid model: {exc}") from None
+
+
+def checked_warm_up(model: OnnxModel, max_batch: int) -> None:
+    """:func:`warm_up` one run at a time; RepositoryError naming the file when the graph fails
+    (whatever it raises: the worker's warm-up would too)."""
+    try:
+        warm_up(model, max_batch, 1)
+    except Exception as exc:
+        raise RepositoryError(f"{model.path}: the model fails on a warm-up batch: {exc}") from None
 
 
 def warm_up(model: OnnxModel, max_batch: int, concurrent: int, executor: ThreadPoolExecutor | None = None) -> None:
@@ -80,6 +91,11 @@ def warm_up(model: OnnxModel, max_batch: int, concurrent: int, executor: ThreadP
     else:
         model.infer(largest)
     model.infer(largest[:1])
+
+
+def _highest(versions: dict[str, Any]) -> str:
+    """A name's default version: the highest (core.repository.version_key)."""
+    return max(versions, key=version_key)
 
 
 def file_id(path: Path) -> FileId | None:
@@ -142,21 +158,17 @@ class ModelRepository:
         # Up to inference_threads batches run at once (each on ort_threads cores), shared by all models.
         self.executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="ort")
         self.models: dict[str, dict[str, ServedModel]] = {}
-        self.errors: dict[str, dict[str, Any]] = {}  # path -> {"error", "file"} of refused files
+        self.errors: dict[str, tuple[str, FileId | None]] = {}  # path -> (why, the file refused) of refused files
         self.ready = False
         self._reload_lock: asyncio.Lock | None = None
         for entry in discover(settings.model_root):
-            served = self._load(entry)
-            self.models.setdefault(entry.name, {})[entry.version] = served
+            self.models.setdefault(entry.name, {})[entry.version] = self._load(entry, file_id(entry.path))
 
-    def _load(self, entry: ModelEntry) -> ServedModel:
-        """Open ``entry`` with its batcher (not yet warmed up); RepositoryError naming the file."""
+    def _load(self, entry: ModelEntry, ident: FileId | None) -> ServedModel:
+        """Open ``entry`` (whose file is ``ident``) with its batcher, not yet warmed up;
+        RepositoryError naming the file."""
         s = self.settings
-        ident = file_id(entry.path)
-        try:
-            model = OnnxModel.load(entry.path, entry.name, entry.version, s.device, s.ort_threads)
-        except InvalidModel as exc:
-            raise RepositoryError(f"{entry.path}: invalid model: {exc}") from None
+        model = open_model(entry, s.device, s.ort_threads)
         wanted = s.max_batch_for(model.providers)
         fixed = model.contract.batch.max_size
         on_batch = self.on_batch
@@ -179,15 +191,13 @@ class ModelRepository:
 
     # --- serving ----------------------------------------------------------------------
 
-    def default_version(self, name: str) -> str:
-        return max(self.models[name], key=version_key)
 
     def resolve(self, ref: str | None, task: "Task") -> ServedModel:
         """The model a request to ``task``'s endpoint names (``name`` or ``name:version``; empty:
         the first model by name that serves the endpoint). ModelNotFound or WrongTask."""
         models = self.models  # one snapshot: a reload swaps the dict, it never edits it in place
         if not ref:
-            candidates = sorted(n for n, vs in models.items() if task.serves(vs[max(vs, key=version_key)].model.contract))
+            candidates = sorted(n for n, vs in models.items() if task.serves(vs[_highest(vs)].model.contract))
             if not candidates:
                 raise ModelNotFound(f"no model that serves /{task.endpoint} is loaded")
             ref = candidates[0]
@@ -209,7 +219,7 @@ class ModelRepository:
         if name not in models:
             raise ModelNotFound(f"unknown model {name!r}; loaded: {sorted(models)}")
         versions = models[name]
-        version = version or max(versions, key=version_key)
+        version = version or _highest(versions)
         if version not in versions:
             raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {sorted(versions, key=version_key)}")
         return versions[version]
@@ -218,7 +228,7 @@ class ModelRepository:
         out = []
         models = self.models
         for name in sorted(models):
-            default = max(models[name], key=version_key)
+            default = _highest(models[name])
             for version, served in sorted(models[name].items(), key=lambda kv: version_key(kv[0])):
                 out.append(served.describe(version == default))
         return out
@@ -250,15 +260,15 @@ class ModelRepository:
             if loaded is not None and loaded.file == ident:
                 continue
             key = str(entry.path)
-            if self.errors.get(key, {}).get("file") == ident:
+            if key in self.errors and self.errors[key][1] == ident:
                 continue  # refused before, unchanged since
             try:
-                served = await loop.run_in_executor(None, self._load_and_warm, entry)
+                served = await loop.run_in_executor(None, self._load_and_warm, entry, ident)
             except Exception as exc:
                 message = str(exc) if isinstance(exc, RepositoryError) else f"{entry.path}: {exc}"
                 log.error("refused %s: %s; %s", entry.ref, message,
                           "the loaded version keeps serving" if loaded else "it is not served")
-                self.errors[key] = {"path": key, "error": message, "file": ident}
+                self.errors[key] = (message, ident)
                 report.refused[key] = message
                 continue
             self.errors.pop(key, None)
@@ -277,16 +287,13 @@ class ModelRepository:
         for path in gone:
             del self.errors[path]
         for path, problem in problems:
-            self.errors.setdefault(str(path), {"path": str(path), "error": f"{path}: {problem}", "file": None})
+            self.errors.setdefault(str(path), (f"{path}: {problem}", None))
         self.models = models  # one assignment: a request sees the old set or the new one
         return report
 
-    def _load_and_warm(self, entry: ModelEntry) -> ServedModel:
-        served = self._load(entry)
-        try:
-            warm_up(served.model, served.batcher.max_batch, 1)
-        except Exception as exc:
-            raise RepositoryError(f"{entry.path}: the model fails on a warm-up batch: {exc}") from None
+    def _load_and_warm(self, entry: ModelEntry, ident: FileId | None) -> ServedModel:
+        served = self._load(entry, ident)
+        checked_warm_up(served.model, served.batcher.max_batch)
         return served
 
     async def watch(self, interval_s: float) -> None:
@@ -300,6 +307,6 @@ class ModelRepository:
 
     def refused(self) -> list[dict[str, Any]]:
         """The files a reload refused (or version folders without a model), with why."""
-        return [{"path": e["path"], "error": e["error"]} for e in self.errors.values()]
+        return [{"path": path, "error": why} for path, (why, _) in self.errors.items()]
 
 

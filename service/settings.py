@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from core.errors import ConfigError
 
@@ -38,30 +39,27 @@ DEFAULT_MODEL_ROOT = Path(__file__).resolve().parent.parent / "models"
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _int(name: str, default: int, minimum: int = 0) -> int:
+def _number(name: str, default: Any, minimum: Any, kind: type) -> Any:
+    """The environment variable ``name`` as ``kind`` (int or float), at least ``minimum``;
+    ``default`` when unset or empty; ConfigError naming it otherwise."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={value} must be >= {minimum}")
-    return value
-
-
-def _float(name: str, default: float, minimum: float = 0.0) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
+        raise ConfigError(f"{name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
     if not value >= minimum:  # also refuses NaN
         raise ConfigError(f"{name}={value} must be >= {minimum}")
     return value
+
+
+def _int(name: str, default: int, minimum: int = 0) -> int:
+    return _number(name, default, minimum, int)
+
+
+def _float(name: str, default: float, minimum: float = 0.0) -> float:
+    return _number(name, default, minimum, float)
 
 
 MIN_KEY_LENGTH = 16
