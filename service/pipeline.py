@@ -120,12 +120,9 @@ class Pipeline:
 
     async def results(self, task: Task, ran: Ran, options: dict[str, Any]) -> list[dict[str, Any]]:
         """The task's JSON-ready result for every image (off the loop when it is heavy)."""
-        c = ran.served.model.contract
+        args = (task, ran.outputs, [p.geometry for p in ran.prepared], ran.served.model.contract, options)
         with tracing.span("postprocess"):
-            if task.heavy_result(options):
-                return await asyncio.get_running_loop().run_in_executor(
-                    self.pool, _results, task, ran.outputs, [p.geometry for p in ran.prepared], c, options)
-            return _results(task, ran.outputs, [p.geometry for p in ran.prepared], c, options)
+            return await self.in_pool(_results, *args) if task.heavy_result(options) else _results(*args)
 
     async def in_pool(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in the decode pool (work that takes milliseconds, off the event loop)."""
@@ -168,11 +165,9 @@ class Pipeline:
         options, served = self.resolve(task, upload.options)
         ran = await self.run(served, upload.images)
         results = await self.results(task, ran, options)
-        c = served.model.contract
-        loop = asyncio.get_running_loop()
         with tracing.span("render"):
-            data = await loop.run_in_executor(self.pool, _render, upload.images[0], task, results[0], c, fmt,
-                                              self.settings)
+            data = await self.in_pool(_render, upload.images[0], task, results[0], served.model.contract, fmt,
+                                      self.settings)
         return data, served, time.perf_counter() - ran.started
 
 

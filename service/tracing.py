@@ -147,7 +147,7 @@ def interval(name: str, start: float, end: float, **attributes: Any) -> None:
     """A finished child span from perf_counter stamps (work timed elsewhere, e.g. in a thread)."""
     if not _ENABLED:
         return
-    offset = time.time_ns() - int(time.perf_counter() * 1e9)
+    offset = time.time_ns() - int(time.perf_counter() * 1e9)  # perf_counter -> wall clock, ns
     s = _get_tracer().start_span(name, start_time=offset + int(start * 1e9),
                                  attributes={f"convserve.{k}": v for k, v in attributes.items()})
     s.end(end_time=offset + int(max(end, start) * 1e9))
@@ -159,12 +159,8 @@ def batch_spans(batched: list["BatchResult"], submitted: float, done: float) -> 
     if not _ENABLED or not batched:
         return
     started = min(b.started for b in batched)
-    offset = time.time_ns() - int(time.perf_counter() * 1e9)  # perf_counter -> wall clock, ns
-    tracer = _get_tracer()
-    for name, t0, t1, attrs in (("queue", submitted, started, {}),
-                                ("inference", started, done, {"convserve.batch_size": max(b.batch_size for b in batched)})):
-        s = tracer.start_span(name, start_time=offset + int(t0 * 1e9), attributes=attrs)
-        s.end(end_time=offset + int(max(t1, t0) * 1e9))
+    interval("queue", submitted, started)
+    interval("inference", started, done, batch_size=max(b.batch_size for b in batched))
 
 
 _ENABLED = enabled()
