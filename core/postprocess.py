@@ -58,6 +58,16 @@ def heatmap_png(cam: np.ndarray, geometry: Geometry, spec: InputSpec) -> str:
     return _png_base64(heatmap(cam, geometry, spec))
 
 
+def blend_heatmap(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """An RGB image [H, W, 3] with ``heat`` [H, W] in 0..1 blended over it: blue (cold)
+    through yellow to red (hot), opacity growing with the heat (0.25 to 0.7). The
+    playground draws the same (service/static/playground/playground.js)."""
+    t = heat.astype(np.float32)[..., None]
+    hot = np.concatenate([np.clip(2 * t, 0, 1), np.clip(2 - np.abs(4 * t - 2), 0, 1), np.clip(1 - 2 * t, 0, 1)], -1) * 255
+    alpha = 0.25 + 0.45 * t
+    return np.round(rgb.astype(np.float32) * (1 - alpha) + hot * alpha).astype(np.uint8)
+
+
 def detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, geometry: Geometry,
                label_names: list[str], score_threshold: float, max_detections: int) -> list[dict[str, Any]]:
     """One image's padded detections above ``score_threshold``, best first, at most

@@ -113,13 +113,10 @@ def _masks(canvas: Image.Image, result: dict[str, Any]) -> Image.Image:
 
 
 def _heatmap(canvas: Image.Image, heat: np.ndarray) -> Image.Image:
-    """Blend a uint8 heatmap over the image: blue (cold) through yellow to red (hot),
-    opacity growing with the heat."""
-    t = heat.astype(np.float32)[..., None] / 255.0
-    hot = np.concatenate([np.clip(2 * t, 0, 1), np.clip(2 - np.abs(4 * t - 2), 0, 1), np.clip(1 - 2 * t, 0, 1)], -1) * 255
-    rgb = np.asarray(canvas).astype(np.float32)
-    alpha = 0.25 + 0.45 * t
-    return Image.fromarray(np.round(rgb * (1 - alpha) + hot * alpha).astype(np.uint8), "RGB")
+    """Blend a uint8 heatmap over the image (core.postprocess.blend_heatmap)."""
+    from core.postprocess import blend_heatmap
+
+    return Image.fromarray(blend_heatmap(np.asarray(canvas), heat / 255.0), "RGB")
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:

@@ -246,7 +246,8 @@ def load_weights(model: ConvNet, path: Path | str) -> list[str]:
     optional = ("num_batches_tracked",)  # absent from some published files; harmless either way
     head = [k for k in own if _under(k, model.last_layers)]
     replace = any(k not in state or state[k].shape != own[k].shape for k in head)
-    for key in sorted(set(own) | set(state), key=lambda k: (list(own).index(k) if k in own else len(own), k)):
+    position = {k: i for i, k in enumerate(own)}  # the model's own order first, then the file's extras
+    for key in sorted(set(own) | set(state), key=lambda k: (position.get(k, len(own)), k)):
         if replace and key in head:
             continue
         if key not in state:

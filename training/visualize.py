@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from core.errors import ConvserveError
-from core.imaging import load_input, load_image
+from core.imaging import load_image, load_input
+from core.postprocess import blend_heatmap
 from training.graph import graph_contract
 from training.models import Classifier
 
@@ -123,10 +124,7 @@ def overlay(image: Image.Image, cam: np.ndarray) -> Image.Image:
     heat = Image.fromarray(cam.astype(np.float32), "F").resize(image.size, Image.BILINEAR)
     t = np.asarray(heat)
     t = t / t.max() if t.max() > 0 else t
-    hot = np.stack([np.clip(2 * t, 0, 1), np.clip(2 - np.abs(4 * t - 2), 0, 1), np.clip(1 - 2 * t, 0, 1)], -1) * 255
-    alpha = (0.25 + 0.45 * t)[..., None]
-    rgb = np.asarray(image.convert("RGB")).astype(np.float32)
-    return Image.fromarray(np.round(rgb * (1 - alpha) + hot * alpha).astype(np.uint8), "RGB")
+    return Image.fromarray(blend_heatmap(np.asarray(image.convert("RGB")), t), "RGB")
 
 
 def visualize(checkpoint: Path, image: Path, out: Path, layers: list[str] | None = None, top: int = 3) -> dict[str, Any]:
