@@ -23,12 +23,14 @@ from typing import Any
 
 from core.errors import ContractError, DatasetError
 from core.evaluation import evaluate as evaluate_predictions
+from core.repository import parse_model_path
 from core.runtime import OnnxModel
 
 
 def evaluate(onnx_path: Path, data: Path, batch_size: int = 16, threads: int = 2) -> dict[str, Any]:
     """Metrics of ``onnx_path`` on ``data`` (ImageFolder / COCO / mask-PNG layout by task)."""
-    model = OnnxModel.load(onnx_path, onnx_path.parent.parent.name, onnx_path.parent.name, "auto", threads)
+    _, name, version = parse_model_path(onnx_path)
+    model = OnnxModel.load(onnx_path, name, version, "auto", threads)
     return evaluate_predictions(model.infer, model.contract, data, batch_size)
 
 

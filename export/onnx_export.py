@@ -5,13 +5,17 @@ Usage::
     python -m export.onnx_export runs/shapes-classifier/best.pt --name shapes-classifier \\
         --version 1 --parity-data data/cls/val [--models-dir models] [--fixed-batch N] [--embedding] [--cam]
 
-The graph takes uint8 NHWC RGB, or one greyscale channel for a model trained on greyscale
-data (normalisation inside), with a dynamic batch axis, or a fixed one with
-``--fixed-batch``; a classifier can add the extra outputs ``--embedding`` (its penultimate
-features, for /embed) and ``--cam`` (class activation maps, for /classify?cam=true); it carries the model contract (core/contract.py) in
-metadata_props under "convserve", passes onnx.checker, and must agree with PyTorch on real
-images from ``--parity-data`` (export/parity.py states the tolerances). Otherwise nothing
-is written and the command fails.
+The checkpoint is read by training.models.load_checkpoint (training.checkpoints owns its format).
+The graph takes uint8 NHWC RGB, or one
+greyscale channel for a model trained on greyscale data (normalisation inside), with a
+dynamic batch axis, or a fixed one with ``--fixed-batch``; a classifier can add the extra
+outputs ``--embedding`` (its penultimate features, for /embed) and ``--cam`` (class
+activation maps, for /classify?cam=true); it carries the model contract (core/contract.py)
+in metadata_props under "convserve" (written by core.onnx_contract.set_contract), passes
+onnx.checker, and must agree with PyTorch on real images from ``--parity-data``
+(export/parity.py states the tolerances). Otherwise nothing is written and the command
+fails. The file goes to ``<models-dir>/<name>/<version>/model.onnx`` by
+core.repository.publish, in one rename.
 """
 
 from __future__ import annotations
@@ -19,10 +23,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +33,15 @@ import onnx
 import torch
 from torch import nn
 
-from core.contract import METADATA_KEY, ModelContract
+from core.contract import ModelContract
 from core.errors import ContractError, DatasetError
-from core.onnx_contract import contract_of
+from core.onnx_contract import set_contract
+from core.repository import publish
 from export.parity import ParityError, check_parity
 from training.graph import INPUT_NAME, graph_contract
-from training.models import ConvNet, build_model
+from training.models import ConvNet, load_checkpoint
 
 OPSET = 17
-
-
-def load_checkpoint(path: Path, extras: list[str] | tuple[str, ...] = ()) -> tuple[ConvNet, dict[str, Any], dict[str, Any]]:
-    """(model in eval mode, training config, validation metrics) from a training checkpoint;
-    ``extras``: extra graph outputs to export (ConvNet.with_extras)."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = ck["config"]
-    model = build_model(cfg["task"], cfg["arch"], len(cfg["classes"]), cfg.get("width_mult", 1.0),
-                        channels=cfg.get("channels") or 3)
-    model.load_state_dict(ck["model"])
-    return model.with_extras(extras).eval(), cfg, ck.get("metrics", {})
 
 
 def provenance(cfg: dict[str, Any], metrics: dict[str, Any], dataset: str, checkpoint_sha256: str) -> dict[str, Any]:
@@ -57,7 +50,7 @@ def provenance(cfg: dict[str, Any], metrics: dict[str, Any], dataset: str, check
         "architecture": cfg["arch"], "width_mult": cfg.get("width_mult", 1.0), "dataset": dataset,
         "training": {k: cfg[k] for k in ("epochs", "batch_size", "lr", "seed", "train", "val", "weights", "freeze")
                      if cfg.get(k) is not None},
-        "metrics": metrics, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "metrics": metrics, "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "checkpoint_sha256": checkpoint_sha256, "torch": torch.__version__, "opset": OPSET,
     }
 
@@ -93,25 +86,22 @@ def cam_macs(model: ConvNet, contract: ModelContract) -> int:
 
 
 def attach_contract(path: Path, contract: ModelContract) -> onnx.ModelProto:
-    """Write the contract into metadata_props, check graph and contract agree, run the checker."""
+    """The graph :func:`to_onnx` wrote at ``path``, produced by "convserve", with ``contract``
+    written into its metadata and checked (core.onnx_contract.set_contract)."""
     model = onnx.load(str(path))
-    del model.metadata_props[:]
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, contract.to_json()
     model.producer_name = "convserve"
-    contract_of(model)  # the document parses and agrees with the graph
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return set_contract(model, contract)
 
 
 def export(checkpoint: Path, name: str, version: str, models_dir: Path, dataset: str,
            parity_data: Path | None, parity_images: int = 16, fixed_batch: int | None = None,
            extras: list[str] | tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
-    """Export ``checkpoint`` to ``models_dir/name/version/model.onnx``; returns (path, parity report).
+    """Export ``checkpoint`` into the model repository at ``models_dir`` as ``name`` version
+    ``version``; returns (path, parity report).
 
     ``extras``: extra outputs (embedding, cam) for a classifier. Raises ParityError (PyTorch
     and ONNX Runtime disagree) or ContractError before anything is written; the file
-    appears at its final path in one rename.
+    appears at its final path in one rename (core.repository.publish).
     """
     model, cfg, metrics = load_checkpoint(checkpoint, extras)
     sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -119,17 +109,13 @@ def export(checkpoint: Path, name: str, version: str, models_dir: Path, dataset:
     contract = contract.with_provenance(**provenance(cfg, metrics, dataset, sha))
     if "cam" in extras:
         contract = contract.with_provenance(cam_macs_per_image=cam_macs(model, contract))
-    out = models_dir / name / version / "model.onnx"
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         to_onnx(model.export_module().eval(), model, contract, raw)
-        onnx.save(attach_contract(raw, contract), str(raw))
+        graph = attach_contract(raw, contract)
+        onnx.save(graph, str(raw))
         report = check_parity(model, raw, contract, parity_data, parity_images) if parity_data else {"skipped": True}
-        final = attach_contract(raw, contract.with_provenance(parity=report))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staged = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        onnx.save(final, str(staged))
-        os.replace(staged, out)
+    out = publish(graph, contract.with_provenance(parity=report), models_dir, name, version)
     return out, report
 
 

@@ -29,8 +29,9 @@ normalisation, other weights: tests/export perturbs the weights) moves outputs b
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -139,7 +140,8 @@ COMPARE: dict[str, Callable[[ModelContract, list[Outputs], list[Outputs]], dict[
 }
 
 
-def check_parity(model: ConvNet, onnx_path: Path, contract: ModelContract, data: Path, count: int = 16) -> dict[str, Any]:
+def check_parity(model: ConvNet, onnx_path: Path, contract: ModelContract, data: Path, count: int = 16
+                 ) -> dict[str, Any]:
     """Compare ``model`` (PyTorch) and the ONNX file on real images; raises ParityError, returns a report."""
     batch = sample_batch(data, contract, count)
     onnx_model = OnnxModel.load(onnx_path, "parity", "0", "cpu", threads=2)

@@ -15,8 +15,9 @@ weights can saturate; 7 bits are exact everywhere and cost no speed. Everything 
 input stays uint8 NHWC, the outputs stay float32, and the contract differs only in
 ``precision: "int8"`` and its provenance.
 
-The variant is written (atomically, next to the source's name) only if ONNX Runtime loads
-it, the contract agrees with its graph, and its score on ``--eval`` (the task's metric:
+The variant is written beside the source, in the same model repository (atomically, by
+core.repository.publish), only if ONNX Runtime loads it, the contract agrees with its
+graph, and its score on ``--eval`` (the task's metric:
 top-1, mAP@.5 or mIoU, through core.evaluation) is within ``--max-drop`` of the source's
 (default 0.01: one point). The report, with both scores and both models' speed on this
 machine, is printed and stored in the provenance. int8 pays where convolutions dominate
@@ -29,22 +30,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from core.contract import METADATA_KEY, ModelContract
+from core.contract import ModelContract
 from core.errors import ContractError, DatasetError, InvalidImage
 from core.imaging import IMAGE_SUFFIXES, load_input
-from core.onnx_contract import contract_of, read_contract
+from core.onnx_contract import read_contract
+from core.repository import model_path, parse_model_path, publish
 from core.runtime import OnnxModel
 from core.tasks import TASKS
 from export.evaluate import evaluate
@@ -116,9 +118,15 @@ def main_path_nodes(source: Path, contract: ModelContract) -> list[str]:
     return [n.name for n in model.graph.node if n.name in keep and n.op_type in QUANTIZED_OPS]
 
 
+def loads_in_onnxruntime(path: Path) -> None:
+    """Open ``path`` in an ONNX Runtime CPU session (where an int8 variant serves); raises if it cannot."""
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 def quantize(source: Path, out: Path, calibration: Path, eval_data: Path, images: int = 100,
              max_drop: float = 0.01, full_range: bool = False) -> dict[str, Any]:
-    """Write the int8 variant of ``source`` to ``out`` if it passes; returns the report.
+    """Write the int8 variant of ``source`` to ``out`` (a repository path,
+    ``<root>/<name>/<version>/model.onnx``) if it passes; returns the report.
     Raises QuantizationError, ContractError or DatasetError, with nothing written."""
     contract = read_contract(source)
     if contract.precision != "fp32":
@@ -147,18 +155,10 @@ def quantize(source: Path, out: Path, calibration: Path, eval_data: Path, images
             raise QuantizationError(f"{metric} fell from {base[metric]:.4f} to {variant_score[metric]:.4f} "
                                     f"(more than {max_drop}) on {eval_data}")
         model = onnx.load(str(raw))
-        variant = ModelContract.from_dict({**json.loads(contract.to_json()), "precision": "int8"})
-        variant = variant.with_provenance(quantization=report, quantized_from=str(source))
-        del model.metadata_props[:]
-        entry = model.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, variant.to_json()
-        contract_of(model)  # the document parses and agrees with the graph
-        onnx.checker.check_model(model)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staged = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        onnx.save(model, str(staged))
-        ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])  # loads where it will serve
-        os.replace(staged, out)
+    variant = ModelContract.from_dict({**json.loads(contract.to_json()), "precision": "int8"})
+    variant = variant.with_provenance(quantization=report, quantized_from=str(source))
+    root, name, version = parse_model_path(out)
+    publish(model, variant, root, name, version, check=loads_in_onnxruntime)
     return report
 
 
@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full-range", action="store_true", help="8-bit weights (only for CPUs with VNNI)")
     a = p.parse_args(argv)
     source = a.model.resolve()
-    out = source.parent.parent.parent / (a.name or source.parent.parent.name) / a.version / "model.onnx"
+    root, name, _ = parse_model_path(source)
+    out = model_path(root, a.name or name, a.version)
     if out == source:
         raise SystemExit("quantize: --version must differ from the source's version")
     try:

@@ -9,9 +9,9 @@ Usage (README "Architectures")::
 Random weights (speed does not depend on them); each graph is exported with
 export.onnx_export.to_onnx as training would export it (the task's outputs; ``--extras``
 adds a classifier's embedding and class activation maps), loaded with the service's session
-options (core.runtime), warmed up, then timed: median of ``--repeats`` single-image runs, and images per second over batches of 8
-for ``--seconds``. The one-image-per-call detectors (SSDlite, Faster R-CNN) report their
-throughput one image at a time.
+options (core.runtime), warmed up, then timed: median of ``--repeats`` single-image runs,
+and images per second over batches of 8 for ``--seconds``. The one-image-per-call detectors
+(SSDlite, Faster R-CNN) report their throughput one image at a time.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def measure(task: str, arch: str, size: int | None, threads: int, repeats: int, 
     size = size or default_size(arch)
     classes = [f"c{i}" for i in range(CLASSES[task])]
     model = build_model(task, arch, len(classes)).eval()
-    if task == "classification" and extras:
-        model.with_extras(["embedding", "cam"])
+    if extras:
+        model.with_extras(model.extras)  # every optional output the architecture has (classifiers: embedding, cam)
     contract = graph_contract(model, task, classes, size)
     params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", help="comma-separated architectures (default: all)")
     p.add_argument("--size", type=int, help="input side for all (default: each architecture's)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2: this machine's cores)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="ONNX Runtime intra-op threads (default 2: this machine's cores)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--extras", action="store_true", help="classifiers with their embedding and CAM outputs")

@@ -20,11 +20,12 @@ from torch import nn
 from torchvision import models as tvm
 
 from core.contract import OutputSpec
-from training.models import ConvNet, Normalize
+from training.convnet import ConvNet, Normalize
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 class CenterNet(nn.Module):
@@ -73,7 +74,8 @@ class CenterNet(nn.Module):
         p = self.smooth(p)
         return self.heatmap(p), self.size(p), self.offset(p)
 
-    def decode(self, heat_logits: torch.Tensor, log_size: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode(self, heat_logits: torch.Tensor, log_size: torch.Tensor, offset: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Peaks -> top-K boxes (xyxy, input pixels), scores and labels, fixed shapes per batch."""
         heat = torch.sigmoid(heat_logits)
         n, c, h, w = heat.shape
@@ -95,7 +97,8 @@ class CenterNet(nn.Module):
         off = offset.flatten(2).gather(2, gather)
         cx = (xs.to(heat.dtype) + off[:, 0]) * self.stride
         cy = (ys.to(heat.dtype) + off[:, 1]) * self.stride
-        boxes = torch.stack([cx - size[:, 0] / 2, cy - size[:, 1] / 2, cx + size[:, 0] / 2, cy + size[:, 1] / 2], dim=-1)
+        boxes = torch.stack([cx - size[:, 0] / 2, cy - size[:, 1] / 2, cx + size[:, 0] / 2, cy + size[:, 1] / 2],
+                            dim=-1)
         return boxes, scores, labels
 
 

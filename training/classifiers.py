@@ -17,12 +17,17 @@ optional graph outputs computable without gradients:
 The networks keep torchvision's module names, so torchvision state dicts (ImageNet weights
 downloaded elsewhere) load into them unchanged; ``width_mult`` < 1 narrows the classic
 networks (AlexNet, VGG) for tests and small data, at the cost of that compatibility.
+
+:data:`CLASSIFIERS` is the architecture table: each name maps to its :class:`Family`, which
+says everything the rest of training needs to know about it (how to build it, how it
+splits, which layers a new class count replaces, whether it takes its input channels from
+the data, whether it trains auxiliary heads).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -87,28 +92,45 @@ def alexnet(num_classes: int, width_mult: float = 1.0) -> nn.Module:
     return net
 
 
-_VGG_CFG = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
+# torchvision's layer configuration of each VGG, and whether it has batch norm.
+_VGG_CFG = {"vgg11": ("A", False), "vgg11_bn": ("A", True), "vgg13": ("B", False), "vgg13_bn": ("B", True),
+            "vgg16": ("D", False), "vgg16_bn": ("D", True), "vgg19": ("E", False), "vgg19_bn": ("E", True)}
 
 
 def vgg(arch: str, num_classes: int, width_mult: float = 1.0) -> nn.Module:
     """torchvision's VGG (``vgg16_bn``: with batch norm); ``width_mult`` scales channels and units."""
-    batch_norm = arch.endswith("_bn")
     if width_mult == 1.0:
         return getattr(tvm, arch)(weights=None, num_classes=num_classes)
-    cfg = [v if v == "M" else _scaled(v, width_mult) for v in tvm.vgg.cfgs[_VGG_CFG[arch.removesuffix("_bn")]]]
+    layers, batch_norm = _VGG_CFG[arch]
+    cfg = [v if v == "M" else _scaled(v, width_mult) for v in tvm.vgg.cfgs[layers]]
     net = tvm.vgg.VGG(tvm.vgg.make_layers(cfg, batch_norm=batch_norm), num_classes=num_classes)
     net.classifier = _mlp(int(cfg[-2]) * 49, _scaled(4096, width_mult, 16), num_classes, dropout_first=False)
     return net
 
 
+Builder = Callable[[str, int, float, int], nn.Module]  # (arch, num_classes, width_mult, channels) -> network
+
+
 @dataclass(frozen=True)
 class Family:
-    """How one kind of network splits: its conv features, its head, its last layer's name."""
+    """One kind of network: how to build it, how it splits into conv features and head,
+    and what training must know about it.
 
+    ``last_layer``: state-dict prefixes of the class-count-sized layers (replaced on
+    transfer); ``stages``: the names of its features' top-level stages (what
+    training.visualize shows by default); ``input_channels_from_data``: the first layer
+    takes the data's channels (1 for greyscale) instead of RGB; ``aux_loss_weight``: in
+    training mode the network returns ``(logits, *auxiliary logits)`` and each auxiliary
+    head's cross-entropy is added with this weight (0: no auxiliary heads)."""
+
+    build: Builder
     features: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     head: Callable[[nn.Module], list[nn.Module]]
-    last_layer: tuple[str, ...]   # state-dict prefixes of the class-count-sized layers (replaced on transfer)
+    last_layer: tuple[str, ...]
     first_conv: Callable[[nn.Module], nn.Conv2d]
+    stages: Callable[[nn.Module], list[str]]
+    input_channels_from_data: bool = False
+    aux_loss_weight: float = 0.0
 
 
 def _resnet_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -131,48 +153,64 @@ def _sequential_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.features(x)
 
 
+def _sequential_stages(net: nn.Module) -> list[str]:
+    """Four blocks spread over ``net.features``: the first, a third and two thirds in, the last."""
+    n = len(net.features)
+    return [f"features.{i}" for i in sorted({0, n // 3, (2 * n) // 3, n - 1})]
+
+
 def _pooled_head(net: nn.Module) -> list[nn.Module]:
     return [net.avgpool, nn.Flatten(1), *net.classifier]
 
 
-FAMILIES: dict[str, Family] = {
-    "resnet": Family(_resnet_features, lambda n: [n.avgpool, nn.Flatten(1), n.fc], ("fc.",), lambda n: n.conv1),
-    "googlenet": Family(_googlenet_features, lambda n: [n.avgpool, nn.Flatten(1), n.dropout, n.fc],
-                        ("fc.", "aux1.fc2.", "aux2.fc2."), lambda n: n.conv1.conv),
-    "mobilenet_v3": Family(_sequential_features, _pooled_head, ("classifier.3.",), lambda n: n.features[0][0]),
-    "vgg": Family(_sequential_features, _pooled_head, ("classifier.6.",), lambda n: n.features[0]),
-    "alexnet": Family(_sequential_features, _pooled_head, ("classifier.6.",), lambda n: n.features[0]),
-    "lenet5": Family(_sequential_features, _pooled_head, ("classifier.4.",), lambda n: n.features[0]),
+def _torchvision_network(arch: str, num_classes: int, width_mult: float, channels: int) -> nn.Module:
+    return getattr(tvm, arch)(weights=None, num_classes=num_classes)
+
+
+def _googlenet(arch: str, num_classes: int, width_mult: float, channels: int) -> nn.Module:
+    # Auxiliary heads train (their loss is added: GOOGLENET.aux_loss_weight) and are left out of
+    # the exported graph; transform_input stays off: normalisation is ours (training.models.Normalize).
+    return tvm.googlenet(weights=None, num_classes=num_classes, aux_logits=True, init_weights=True,
+                         transform_input=False)
+
+
+RESNET = Family(build=_torchvision_network, features=_resnet_features,
+                head=lambda n: [n.avgpool, nn.Flatten(1), n.fc], last_layer=("fc.",),
+                first_conv=lambda n: n.conv1, stages=lambda n: ["layer1", "layer2", "layer3", "layer4"])
+GOOGLENET = Family(build=_googlenet, features=_googlenet_features,
+                   head=lambda n: [n.avgpool, nn.Flatten(1), n.dropout, n.fc],
+                   last_layer=("fc.", "aux1.fc2.", "aux2.fc2."), first_conv=lambda n: n.conv1.conv,
+                   stages=lambda n: ["conv1", "inception3b", "inception4e", "inception5b"], aux_loss_weight=0.3)
+MOBILENET_V3 = Family(build=lambda arch, n, w, c: getattr(tvm, arch)(weights=None, num_classes=n, width_mult=w),
+                      features=_sequential_features, head=_pooled_head, last_layer=("classifier.3.",),
+                      first_conv=lambda n: n.features[0][0], stages=_sequential_stages)
+VGG = Family(build=lambda arch, n, w, c: vgg(arch, n, w), features=_sequential_features, head=_pooled_head,
+             last_layer=("classifier.6.",), first_conv=lambda n: n.features[0], stages=_sequential_stages)
+ALEXNET = Family(build=lambda arch, n, w, c: alexnet(n, w), features=_sequential_features, head=_pooled_head,
+                 last_layer=("classifier.6.",), first_conv=lambda n: n.features[0], stages=_sequential_stages)
+LENET5 = Family(build=lambda arch, n, w, c: LeNet5(n, in_channels=c), features=_sequential_features,
+                head=_pooled_head, last_layer=("classifier.4.",), first_conv=lambda n: n.features[0],
+                stages=_sequential_stages, input_channels_from_data=True)
+
+# The classification architectures: name -> family.
+CLASSIFIERS: dict[str, Family] = {
+    "lenet5": LENET5, "alexnet": ALEXNET, "vgg11": VGG, "vgg11_bn": VGG, "vgg16": VGG, "vgg16_bn": VGG,
+    "googlenet": GOOGLENET, "resnet18": RESNET, "resnet34": RESNET, "resnet50": RESNET,
+    "mobilenet_v3_small": MOBILENET_V3, "mobilenet_v3_large": MOBILENET_V3,
 }
 
 
 def family_of(arch: str) -> Family:
-    for prefix, family in FAMILIES.items():
-        if arch.startswith(prefix):
-            return family
-    raise ValueError(f"no classifier family for {arch!r}")
+    """The family of classification architecture ``arch``; ValueError if there is none."""
+    try:
+        return CLASSIFIERS[arch]
+    except KeyError:
+        raise ValueError(f"no classifier family for {arch!r}") from None
 
 
 def build_network(arch: str, num_classes: int, width_mult: float, channels: int) -> nn.Module:
     """The torchvision-style network for ``arch`` (random init)."""
-    if arch == "lenet5":
-        return LeNet5(num_classes, in_channels=channels)
-    if arch.startswith("mobilenet_v3"):
-        return getattr(tvm, arch)(weights=None, num_classes=num_classes, width_mult=width_mult)
-    if arch == "alexnet":
-        return alexnet(num_classes, width_mult)
-    if arch.startswith("vgg"):
-        return vgg(arch, num_classes, width_mult)
-    if arch == "googlenet":
-        # Auxiliary heads train (their loss is added, weight 0.3) and are left out of the
-        # exported graph; transform_input stays off: normalisation is ours (Normalize).
-        return tvm.googlenet(weights=None, num_classes=num_classes, aux_logits=True, init_weights=True,
-                             transform_input=False)
-    return getattr(tvm, arch)(weights=None, num_classes=num_classes)
-
-
-CLASSIFIERS = ("lenet5", "alexnet", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "googlenet", "resnet18", "resnet34",
-               "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
+    return family_of(arch).build(arch, num_classes, width_mult, channels)
 
 
 # --- the head, its embedding and its class activation maps --------------------------------

@@ -33,12 +33,11 @@ def input_spec(task: str, height: int, width: int, channels: int = 3) -> InputSp
 
 
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-_READERS = {"classification": ImageFolder, "segmentation": SegmentationFolder, "detection": CocoDetection}
 
 
 def data_channels(task: str, root: Path | str) -> int:
     """1 when every image of the dataset at ``root`` is greyscale (read from the headers), else 3."""
-    for sample in _READERS[task](root, verify=False).samples:
+    for sample in TASKS[task].read_dataset(Path(root), verify=False).samples:
         try:
             with Image.open(sample.image) as img:
                 if img.mode not in GREY_MODES:
@@ -132,6 +131,7 @@ class CocoDetectionDataset(Dataset):
             "image_id": torch.tensor(target.image_id)}
 
 
-def detection_collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+def detection_collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+                      ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """Stack images (all the same size) and keep per-image targets as a list."""
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch]

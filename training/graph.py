@@ -30,7 +30,8 @@ def graph_contract(model: ConvNet, task: str, classes: list[str], size: int,
     """
     if not model.batchable:
         if fixed_batch not in (None, 1):
-            raise ValueError(f"this architecture exports one image per call; it cannot have a fixed batch of {fixed_batch}")
+            raise ValueError(f"this architecture exports one image per call; "
+                             f"it cannot have a fixed batch of {fixed_batch}")
         fixed_batch = 1
     labels = [BACKGROUND, *classes] if model.background_label else list(classes)
     resize = TASKS[task].default_resize
@@ -53,7 +54,8 @@ def predictor(model: ConvNet, contract: ModelContract, device: torch.device | st
     def predict(images: np.ndarray) -> list[Outputs]:
         out: Any = module(torch.from_numpy(images).to(device))
         tensors = out if isinstance(out, (tuple, list)) else (out,)
-        arrays = {n: t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy() for n, t in zip(names, tensors)}
+        arrays = {n: t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
+                  for n, t in zip(names, tensors)}
         return task.split(arrays, len(images), contract.outputs)
 
     return predict

@@ -5,112 +5,40 @@ arithmetic preprocessing lives inside the exported ONNX graph and the service fe
 pixels. A ConvNet says how it is trained (:meth:`ConvNet.loss`), which module becomes the
 graph (:meth:`ConvNet.export_module`) and what that graph outputs (``output_spec``,
 ``batchable``, ``background_label``): training, validation and export ask the model
-instead of testing architecture names.
+instead of testing architecture names. Which architectures exist is one table,
+:data:`ARCHITECTURES` (task -> name -> builder); what differs between classifiers is in
+their family (training.classifiers), between segmenters in their spec (training.segmenters).
 
 Random init by default. Transfer learning (:func:`load_weights`): ``weights`` names a local
 state-dict file (torchvision's ImageNet weights downloaded elsewhere, or a checkpoint of
-ours); the layers sized by the class count are replaced when the data has another count,
-anything else that does not fit is an error naming the file and the key. ``freeze
-backbone`` then trains the new head only (feature extraction). No hub downloads anywhere.
+ours, recognised by training.checkpoints); the layers sized by the class count are replaced
+when the data has another count, anything else that does not fit is an error naming the
+file and the key. ``freeze backbone`` then trains the new head only (feature extraction).
+No hub downloads anywhere.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.contract import OutputSpec
-from training import classifiers, segmenters
+from training import checkpoints, classifiers, segmenters
+from training.centernet import CenterNetDetector
+from training.convnet import ConvNet, Normalize, under_any
+from training.tv_detection import TorchvisionDetector
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Normalize(nn.Module):
-    """uint8 NHWC -> float NCHW, (x/255 - mean)/std (buffers, not saved in checkpoints).
-
-    A one-channel (greyscale) input broadcasts to the three channels of an ImageNet-style
-    network; ``channels=1`` keeps it one channel (for a network whose first layer takes one)."""
-
-    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                 channels: int = 3) -> None:
-        super().__init__()
-        if channels == 1:
-            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-        c = len(mean)
-        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, c, 1, 1)), persistent=False)
-        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, c, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 3, 1, 2).float() * self.scale - self.shift
-
-
-class ConvNet(nn.Module):
-    """The interface every trainable model implements (uint8 [N, H, W, C] in).
-
-    ``output_spec`` names the exported graph's outputs (core.contract.OutputSpec), in the
-    order :meth:`export_module` returns them; ``batchable`` is False for graphs that take
-    exactly one image; ``background_label`` is True when label 0 of the graph is a
-    background class that the dataset does not list. ``last_layers`` are the state-dict
-    prefixes (within :meth:`weights_target`) of the layers sized by the class count: what
-    transfer learning replaces and what ``freeze_backbone`` leaves trainable.
-    """
-
-    output_spec: OutputSpec
-    batchable: bool = True
-    background_label: bool = False
-    last_layers: tuple[str, ...] = ()
-    extras: tuple[str, ...] = ()   # optional graph outputs this model can add (OutputSpec fields)
-
-    def loss(self, images: torch.Tensor, targets: Any) -> torch.Tensor:
-        raise NotImplementedError
-
-    def export_module(self) -> nn.Module:
-        """The module that becomes the ONNX graph (uint8 NHWC in, ``output_spec``'s outputs out)."""
-        return self
-
-    def weights_target(self) -> nn.Module:
-        """The module a weights file describes (the torchvision network where there is one)."""
-        return getattr(self, "core", self)
-
-    def with_extras(self, names: list[str] | tuple[str, ...]) -> "ConvNet":
-        """Export ``names`` (e.g. embedding, cam) as extra graph outputs; ValueError if unsupported."""
-        unknown = [n for n in names if n not in self.extras]
-        if unknown:
-            raise ValueError(f"this architecture cannot export {unknown}; it can export {list(self.extras) or 'none'}")
-        self.output_spec = dataclasses.replace(self.output_spec, **{n: n for n in names})
-        return self
-
-    def freeze_backbone(self) -> None:
-        """Feature extraction: only the parameters under ``last_layers`` train; every other
-        parameter stops taking gradients and every batch norm outside them keeps its running
-        statistics (it stays in eval mode, see :meth:`train`)."""
-        target = self.weights_target()
-        for name, p in target.named_parameters():
-            p.requires_grad_(_under(name, self.last_layers))
-        self._frozen_norms = [m for name, m in target.named_modules()
-                              if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _under(name + ".", self.last_layers)]
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "ConvNet":
-        super().train(mode)
-        for m in getattr(self, "_frozen_norms", ()):
-            m.eval()
-        return self
-
-
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name.startswith(p) for p in prefixes)
-
+__all__ = ["ConvNet", "Normalize", "ARCHITECTURES", "build_model", "load_checkpoint", "load_weights"]
 
 class Classifier(ConvNet):
     """Normalize, then a classification network split into features and head
-    (training.classifiers): [N, C] logits, optionally the embedding and class activation maps."""
+    (training.classifiers, whose family of ``arch`` says how): [N, C] logits, optionally the
+    embedding and class activation maps."""
 
     output_spec = OutputSpec(kind="logits", scores="logits")
     extras = ("embedding", "cam")
@@ -118,15 +46,19 @@ class Classifier(ConvNet):
     def __init__(self, arch: str, core: nn.Module, channels: int = 3) -> None:
         super().__init__()
         self.arch = arch
-        self.normalize = Normalize(channels=channels if arch == "lenet5" else 3)
-        self.core = core
         family = classifiers.family_of(arch)
+        self.normalize = Normalize(channels=channels if family.input_channels_from_data else 3)
+        self.core = core
         self._family, self.last_layers = family, family.last_layer
         self.head = family.head(core)  # a plain list: these modules are registered once, under core
 
     def first_conv(self) -> nn.Conv2d:
         """The first convolution (its filters are what training.visualize draws)."""
         return self._family.first_conv(self.core)
+
+    def stages(self) -> list[str]:
+        """The names (in ``core``) of the features' top-level stages: training.visualize's default layers."""
+        return self._family.stages(self.core)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images -> the last convolutional feature maps [N, K, h, w]."""
@@ -137,10 +69,10 @@ class Classifier(ConvNet):
         return logits
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.arch == "googlenet" and self.training:  # main loss + 0.3 x each auxiliary head's
-            out = self.core(self.normalize(images))
-            return F.cross_entropy(out.logits, targets) + 0.3 * (
-                F.cross_entropy(out.aux_logits1, targets) + F.cross_entropy(out.aux_logits2, targets))
+        weight = self._family.aux_loss_weight
+        if weight and self.training:  # the main loss + weight x each auxiliary head's
+            logits, *aux = self.core(self.normalize(images))
+            return F.cross_entropy(logits, targets) + weight * sum(F.cross_entropy(a, targets) for a in aux)
         return F.cross_entropy(self(images), targets)
 
     def export_module(self) -> nn.Module:
@@ -173,7 +105,7 @@ class Segmenter(ConvNet):
         super().__init__()
         self.normalize = Normalize()
         self.core = core
-        self.last_layers = segmenters.LAST_LAYERS[arch]
+        self.last_layers = segmenters.spec_of(arch).last_layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.core(self.normalize(x))
@@ -191,20 +123,28 @@ def _segmenter(arch: str, num_classes: int, width_mult: float, channels: int) ->
     return Segmenter(arch, segmenters.build_network(arch, num_classes, width_mult))
 
 
-def _detector(arch: str, num_classes: int, width_mult: float, channels: int) -> ConvNet:
-    from training.centernet import CenterNetDetector
-    from training.tv_detection import TorchvisionDetector
+# The detectors subclass ConvNet in their own modules, so their builders import them when called.
 
-    if arch.startswith("centernet_"):
-        return CenterNetDetector(num_classes, backbone=arch.removeprefix("centernet_"), width_mult=width_mult)
+def _centernet(backbone: str) -> Callable[[str, int, float, int], ConvNet]:
+    """The builder of CenterNet (training.centernet) on the torchvision network ``backbone``."""
+    def build(arch: str, num_classes: int, width_mult: float, channels: int) -> ConvNet:
+
+        return CenterNetDetector(num_classes, backbone=backbone, width_mult=width_mult)
+    return build
+
+
+def _torchvision_detector(arch: str, num_classes: int, width_mult: float, channels: int) -> ConvNet:
+
     return TorchvisionDetector(arch, num_classes)
 
 
 ARCHITECTURES: dict[str, dict[str, Callable[[str, int, float, int], ConvNet]]] = {
     "classification": {a: _classifier for a in classifiers.CLASSIFIERS},
     "segmentation": {a: _segmenter for a in segmenters.SEGMENTERS},
-    "detection": {a: _detector for a in ("centernet_mobilenet_v3_small", "centernet_mobilenet_v3_large",
-                                         "ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn")},
+    "detection": {"centernet_mobilenet_v3_small": _centernet("mobilenet_v3_small"),
+                  "centernet_mobilenet_v3_large": _centernet("mobilenet_v3_large"),
+                  "ssdlite320_mobilenet_v3_large": _torchvision_detector,
+                  "fasterrcnn_mobilenet_v3_large_320_fpn": _torchvision_detector},
 }
 DEFAULT_ARCH = {"classification": "mobilenet_v3_small", "segmentation": "fpn_mobilenet_v3_large",
                 "detection": "centernet_mobilenet_v3_small"}
@@ -226,17 +166,16 @@ def load_weights(model: ConvNet, path: Path | str) -> list[str]:
     """Initialise ``model`` from the state-dict file at ``path``; returns the keys it replaced.
 
     The file is a state dict of the network (torchvision's format, e.g. ``resnet18-f37072fd.pth``)
-    or a training checkpoint of ours (its ``model`` entry). Tensors under the model's
+    or a training checkpoint of ours (its weights: training.checkpoints.model_weights). Tensors under the model's
     ``last_layers`` whose shape differs (another class count) keep their fresh
     initialisation: the head is replaced. Any other missing, unexpected or differently
     shaped tensor is a WeightsError naming the file and the first such key."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        content = checkpoints.read(path)
     except Exception as exc:
         raise WeightsError(f"{path}: not a readable state-dict file ({exc.__class__.__name__}: {exc})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "config" in state:
-        state = state["model"]  # a checkpoint of ours: the wrapper's keys
+    state = checkpoints.model_weights(content)  # a checkpoint of ours: the wrapper's keys
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
     target = model.weights_target()
@@ -244,7 +183,7 @@ def load_weights(model: ConvNet, path: Path | str) -> list[str]:
         state = {k.removeprefix("core."): v for k, v in state.items() if k.startswith("core.")}
     own = target.state_dict()
     optional = ("num_batches_tracked",)  # absent from some published files; harmless either way
-    head = [k for k in own if _under(k, model.last_layers)]
+    head = [k for k in own if under_any(k, model.last_layers)]
     replace = any(k not in state or state[k].shape != own[k].shape for k in head)
     position = {k: i for i, k in enumerate(own)}  # the model's own order first, then the file's extras
     for key in sorted(set(own) | set(state), key=lambda k: (position.get(k, len(own)), k)):
@@ -256,7 +195,7 @@ def load_weights(model: ConvNet, path: Path | str) -> list[str]:
             raise WeightsError(f"{path}: does not fit this architecture: first mismatching key {key!r} is missing "
                                "from the file")
         if key not in own:
-            if key.endswith(optional) or (replace and _under(key, model.last_layers)):
+            if key.endswith(optional) or (replace and under_any(key, model.last_layers)):
                 continue
             raise WeightsError(f"{path}: does not fit this architecture: first mismatching key {key!r} is not a "
                                "parameter of the model (weights of another architecture?)")
@@ -300,3 +239,15 @@ def build_model(task: str, arch: str, num_classes: int, width_mult: float = 1.0,
     elif freeze:
         raise ValueError(f"freeze must be 'backbone' or empty, got {freeze!r}")
     return model
+
+
+def load_checkpoint(path: Path, extras: list[str] | tuple[str, ...] = ()
+                    ) -> tuple[ConvNet, dict[str, Any], dict[str, Any]]:
+    """(model in eval mode, training config, validation metrics) from a checkpoint;
+    ``extras``: extra graph outputs to export (ConvNet.with_extras)."""
+    ck = checkpoints.read(path)
+    cfg = ck["config"]
+    model = build_model(cfg["task"], cfg["arch"], len(cfg["classes"]), cfg.get("width_mult", 1.0),
+                        channels=cfg.get("channels") or 3)
+    model.load_state_dict(ck["model"])
+    return model.with_extras(extras).eval(), cfg, ck.get("metrics", {})

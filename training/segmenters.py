@@ -6,9 +6,15 @@ triangle corners rounded off). :class:`FPNSegmenter` keeps LR-ASPP's attention h
 stride-16 features and adds a top-down decoder (as DeepLabV3+ and FPN do): upsample, join
 the stride-8 and then the stride-4 features, each step a depthwise-separable 3x3
 convolution, classify at stride 4. It costs a few million multiply-adds more than LR-ASPP.
+
+:data:`SEGMENTERS` is the architecture table: name -> how to build it and which layers a
+new class count replaces.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,27 +77,46 @@ class FPNSegmenter(nn.Module):
         return {"out": F.interpolate(self.classifier(y), size=size, mode="bilinear", align_corners=False)}
 
 
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """One segmentation architecture: how to build it (``(num_classes, width_mult) -> network``,
+    random init) and the state-dict prefixes of its class-count-sized layers (replaced when a
+    weights file has another count)."""
+
+    build: Callable[[int, float], nn.Module]
+    last_layers: tuple[str, ...]
+
+
+def _mobilenet_v3_large(width_mult: float) -> nn.Module:
+    return tvm.mobilenet_v3_large(width_mult=width_mult, dilated=True)
+
+
+def _torchvision_resnet50(builder: Callable[..., nn.Module]) -> Callable[[int, float], nn.Module]:
+    """torchvision's ResNet-50 segmenter ``builder`` without its auxiliary head (it has no width multiplier)."""
+    return lambda n, w: builder(weights=None, weights_backbone=None, num_classes=n, aux_loss=False)
+
+
+# The segmentation architectures: name -> spec.
+SEGMENTERS: dict[str, SegmenterSpec] = {
+    "fpn_mobilenet_v3_large": SegmenterSpec(lambda n, w: FPNSegmenter(n, w), ("classifier.",)),
+    "lraspp_mobilenet_v3_large": SegmenterSpec(
+        lambda n, w: _lraspp_mobilenetv3(_mobilenet_v3_large(w), n),
+        ("classifier.low_classifier.", "classifier.high_classifier.")),
+    "deeplabv3_mobilenet_v3_large": SegmenterSpec(
+        lambda n, w: _deeplabv3_mobilenetv3(_mobilenet_v3_large(w), n, aux=False), ("classifier.4.",)),
+    "deeplabv3_resnet50": SegmenterSpec(_torchvision_resnet50(tvm.segmentation.deeplabv3_resnet50), ("classifier.4.",)),
+    "fcn_resnet50": SegmenterSpec(_torchvision_resnet50(tvm.segmentation.fcn_resnet50), ("classifier.4.",)),
+}
+
+
+def spec_of(arch: str) -> SegmenterSpec:
+    """The spec of segmentation architecture ``arch``; ValueError if there is none."""
+    try:
+        return SEGMENTERS[arch]
+    except KeyError:
+        raise ValueError(f"unknown segmentation architecture {arch!r}") from None
+
+
 def build_network(arch: str, num_classes: int, width_mult: float) -> nn.Module:
     """The segmentation network for ``arch`` (random init)."""
-    if arch == "fpn_mobilenet_v3_large":
-        return FPNSegmenter(num_classes, width_mult)
-    if arch == "lraspp_mobilenet_v3_large":
-        return _lraspp_mobilenetv3(tvm.mobilenet_v3_large(width_mult=width_mult, dilated=True), num_classes)
-    if arch == "deeplabv3_mobilenet_v3_large":
-        return _deeplabv3_mobilenetv3(tvm.mobilenet_v3_large(width_mult=width_mult, dilated=True), num_classes, aux=False)
-    if arch in ("deeplabv3_resnet50", "fcn_resnet50"):
-        return getattr(tvm.segmentation, arch)(weights=None, weights_backbone=None, num_classes=num_classes,
-                                               aux_loss=False)
-    raise ValueError(f"unknown segmentation architecture {arch!r}")
-
-
-SEGMENTERS = ("fpn_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large",
-              "deeplabv3_resnet50", "fcn_resnet50")
-# The layers sized by the class count (state-dict prefixes; replaced when a weights file has another count).
-LAST_LAYERS = {
-    "fpn_mobilenet_v3_large": ("classifier.",),
-    "lraspp_mobilenet_v3_large": ("classifier.low_classifier.", "classifier.high_classifier."),
-    "deeplabv3_mobilenet_v3_large": ("classifier.4.",),
-    "deeplabv3_resnet50": ("classifier.4.",),
-    "fcn_resnet50": ("classifier.4.",),
-}
+    return spec_of(arch).build(num_classes, width_mult)

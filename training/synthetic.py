@@ -93,7 +93,8 @@ def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[tupl
     return pts
 
 
-def _contrasting_colour(rng: np.random.Generator, background: Image.Image, cx: float, cy: float) -> tuple[int, int, int]:
+def _contrasting_colour(rng: np.random.Generator, background: Image.Image, cx: float, cy: float
+                        ) -> tuple[int, int, int]:
     """A random colour at least 90 (L1/3) away from the background under the centre."""
     bg = np.array(background.getpixel((int(cx), int(cy))), np.float32)
     for _ in range(50):

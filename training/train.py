@@ -10,9 +10,9 @@ Laid out like torchvision's references: :func:`train_one_epoch`, :func:`evaluate
 ``<out>/best.pt`` when the task's validation metric (core.tasks: top-1, mIoU or COCO
 mAP@.5) improves. Validation scores the module that export.onnx_export turns into the
 graph, with core.evaluation, so the metrics stored in a checkpoint are those
-``export.evaluate`` reports for its ONNX file. Checkpoints are plain dicts of tensors and
-JSON-like values (``torch.load(path, weights_only=True)`` reads them); ``--resume``
-continues from ``<out>/last.pt``.
+``export.evaluate`` reports for its ONNX file. training.checkpoints writes and reads the
+checkpoints; ``--resume`` continues from ``<out>/last.pt``. What each task trains on is one
+entry of :data:`TASK_DATA`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,33 @@ from tqdm import tqdm
 from core.errors import DatasetError
 from core.evaluation import evaluate as evaluate_predictions
 from core.tasks import TASKS
-from training.datasets import (CocoDetectionDataset, ImageFolderDataset, SegmentationDataset, data_channels,
-                               detection_collate, seed_worker)
+from training import checkpoints
+from training.datasets import (
+    CocoDetectionDataset,
+    ImageFolderDataset,
+    SegmentationDataset,
+    data_channels,
+    detection_collate,
+    seed_worker,
+)
 from training.graph import graph_contract, predictor
 from training.models import DEFAULT_ARCH, ConvNet, build_model, default_size
 
-DATASETS: dict[str, type[Dataset]] = {"classification": ImageFolderDataset, "segmentation": SegmentationDataset,
-                                      "detection": CocoDetectionDataset}
-COLLATE = {"detection": detection_collate}
+
+@dataclass(frozen=True)
+class TaskData:
+    """What a task trains on: its dataset class (``(root, size, augment=, channels=)``, with
+    ``classes``) and how a batch is put together (None: PyTorch's default stacking)."""
+
+    dataset: type[Dataset]
+    collate: Callable[[list[Any]], Any] | None = None
+
+
+TASK_DATA: dict[str, TaskData] = {
+    "classification": TaskData(ImageFolderDataset),
+    "segmentation": TaskData(SegmentationDataset),
+    "detection": TaskData(CocoDetectionDataset, detection_collate),  # images stacked, targets a list
+}
 
 
 @dataclass
@@ -83,7 +103,7 @@ def pick_device(name: str) -> torch.device:
 
 def make_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
     """(train, val) datasets; the validation set must list the training set's classes."""
-    dataset = DATASETS[cfg.task]
+    dataset = TASK_DATA[cfg.task].dataset
     size = (cfg.size, cfg.size)
     train_ds = dataset(cfg.train, size, augment=True, channels=cfg.channels or 3)
     val_ds = dataset(cfg.val, size, channels=cfg.channels or 3)
@@ -126,15 +146,6 @@ def evaluate(model: ConvNet, cfg: TrainConfig, device: torch.device) -> dict[str
     return evaluate_predictions(predictor(model, contract, device), contract, cfg.val, cfg.batch_size)
 
 
-def restore(path: Path, model: ConvNet, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
-    """Load a ``last.pt`` into ``model`` and ``optimizer``; returns the rest of the checkpoint
-    (epoch, step, best, history, scheduler state, config)."""
-    ck = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    return {k: v for k, v in ck.items() if k not in ("model", "optimizer")}
-
-
 def _one_cycle(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> Any:
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
 
@@ -148,7 +159,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     train_ds, _ = make_datasets(cfg)
     cfg.classes = list(train_ds.classes)
     train_dl = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                          collate_fn=COLLATE.get(cfg.task), generator=torch.Generator().manual_seed(cfg.seed),
+                          collate_fn=TASK_DATA[cfg.task].collate, generator=torch.Generator().manual_seed(cfg.seed),
                           drop_last=len(train_ds) > cfg.batch_size, persistent_workers=cfg.workers > 0,
                           worker_init_fn=seed_worker)
     model = build_model(cfg.task, cfg.arch, len(cfg.classes), cfg.width_mult, cfg.weights, cfg.channels,
@@ -161,8 +172,9 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     sched = _one_cycle(opt, cfg.lr, total)
     start_epoch, step, best, history = 0, 0, -1.0, []
     out.mkdir(parents=True, exist_ok=True)
-    if resume and (out / "last.pt").is_file():
-        ck = restore(out / "last.pt", model, opt, device)
+    last, best_path = out / checkpoints.LAST, out / checkpoints.BEST
+    if resume and last.is_file():
+        ck = checkpoints.restore(last, model, opt, device)
         if ck["scheduler"].get("total_steps") == sched.total_steps:
             sched.load_state_dict(ck["scheduler"])
         else:  # --epochs/--max-steps changed: a fresh one-cycle over the steps that remain
@@ -171,7 +183,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> dict[str, Any]:
             sched = _one_cycle(opt, cfg.lr, total - ck["step"])
             print("training length changed since the checkpoint: new learning-rate schedule for the rest")
         start_epoch, step, best, history = ck["epoch"] + 1, ck["step"], ck["best"], ck["history"]
-        print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
+        print(f"resumed from {last} at epoch {start_epoch}")
     metric = TASKS[cfg.task].metric
     best_metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -183,17 +195,14 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> dict[str, Any]:
                   "seconds": round(time.time() - t0, 1), **{k: v for k, v in metrics.items() if k != "iou"}}
         history.append(record)
         print(json.dumps(record), flush=True)
-        state = {"model": model.state_dict(), "config": asdict(cfg), "metrics": metrics, "epoch": epoch,
-                 "step": step, "history": history}
         if score > best:
             best, best_metrics = score, metrics
-            torch.save(state, out / "best.pt")
-        torch.save({**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best": best},
-                   out / "last.pt")
+            checkpoints.save(best_path, model, asdict(cfg), metrics, epoch, step, history)
+        checkpoints.save(last, model, asdict(cfg), metrics, epoch, step, history, opt, sched, best)
         if step >= total:
             break
-    if not best_metrics and (out / "best.pt").is_file():
-        best_metrics = torch.load(out / "best.pt", weights_only=True)["metrics"]
+    if not best_metrics and best_path.is_file():
+        best_metrics = checkpoints.metrics(best_path)
     return best_metrics
 
 
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", required=True, help="training dataset directory")
     p.add_argument("--val", required=True, help="validation dataset directory (same format)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
-    p.add_argument("--arch", help="architecture (default per task: %s)" % DEFAULT_ARCH)
+    p.add_argument("--arch", help=f"architecture (default per task: {DEFAULT_ARCH})")
     p.add_argument("--size", type=int, help="square model input side in pixels (default: the architecture's, "
                    "32 for lenet5, 224 for the other classifiers and the segmenters, 256 for CenterNet)")
     p.add_argument("--width-mult", type=float, default=1.0,
@@ -219,24 +228,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--weights", help="local state-dict file to start from (torchvision's format or a checkpoint of "
                    "ours): fine-tuning; the head is replaced when the class count differs")
-    p.add_argument("--freeze", choices=["backbone"], help="with --weights: train only the new head (feature extraction)")
+    p.add_argument("--freeze", choices=["backbone"],
+                   help="with --weights: train only the new head (feature extraction)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     a = p.parse_args(argv)
     arch = a.arch or DEFAULT_ARCH[a.task]
     cfg = TrainConfig(task=a.task, train=a.train, val=a.val, arch=arch, size=a.size or default_size(arch),
-                      width_mult=a.width_mult, channels=a.channels or 0, freeze=a.freeze, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                      weight_decay=a.weight_decay, seed=a.seed, workers=a.workers, device=a.device,
-                      weights=a.weights, max_steps=a.max_steps)
+                      width_mult=a.width_mult, channels=a.channels or 0, freeze=a.freeze, epochs=a.epochs,
+                      batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, workers=a.workers,
+                      device=a.device, weights=a.weights, max_steps=a.max_steps)
     try:
         best = train(cfg, a.out, resume=a.resume)
     except DatasetError as exc:
         print(f"dataset error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except ValueError as exc:  # an unknown architecture, a weights file that does not fit, --device cuda without CUDA, ...
+    except ValueError as exc:
+        # an unknown architecture, a weights file that does not fit, --device cuda without CUDA, ...
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(json.dumps({"best": best, "checkpoint": str(a.out / "best.pt")}))
+    print(json.dumps({"best": best, "checkpoint": str(a.out / checkpoints.BEST)}))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models import detection as tvd
 
 from core.contract import OutputSpec
-from training.models import ConvNet
+from training.convnet import ConvNet
 
 BUILDERS = {
     "ssdlite320_mobilenet_v3_large": tvd.ssdlite320_mobilenet_v3_large,

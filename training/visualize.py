@@ -10,7 +10,8 @@ writes PNGs into ``--out``:
 - ``filters.png``: the first convolution's filters as a grid (Zeiler & Fergus 2014, figure 2):
   each filter scaled to 0..255 on its own, enlarged; RGB filters in colour, others in grey;
 - ``activations_<layer>.png``: the feature maps of each chosen layer for the image (up to
-  64 channels in a grid, each scaled on its own); default: every stage's output;
+  64 channels in a grid, each scaled on its own); default: every stage's output
+  (``Classifier.stages``, from the architecture's family in training.classifiers);
 - ``cam_<k>_<label>.png``: Grad-CAM (Selvaraju et al. 2017) of the k-th best class blended
   over the image: the last feature maps weighted by the mean gradient of that class's logit,
   computed here with autograd (the exported graph's ``cam`` output computes the same without
@@ -38,16 +39,14 @@ from core.errors import ConvserveError
 from core.imaging import load_image, load_input
 from core.postprocess import blend_heatmap
 from training.graph import graph_contract
-from training.models import Classifier
+from training.models import Classifier, load_checkpoint
 
 CELL = 48          # pixels per filter / feature map in the grids
 MAX_MAPS = 64
 
 
 def load_classifier(checkpoint: Path) -> tuple[Classifier, dict[str, Any]]:
-    """A trained classifier in eval mode and its training config."""
-    from export.onnx_export import load_checkpoint
-
+    """A trained classifier in eval mode and its training config (training.checkpoints)."""
     model, cfg, _ = load_checkpoint(checkpoint)
     if not isinstance(model, Classifier):
         raise ValueError(f"{checkpoint}: a {cfg['task']} checkpoint; visualisation is for classifiers")
@@ -78,24 +77,12 @@ def filter_grid(model: Classifier) -> Image.Image:
     return grid(tiles)
 
 
-def stage_layers(model: Classifier) -> list[str]:
-    """Default layers to show: each top-level stage of the network's features."""
-    core = model.core
-    if hasattr(core, "layer1"):  # ResNet
-        return ["layer1", "layer2", "layer3", "layer4"]
-    if hasattr(core, "inception3a"):  # GoogLeNet
-        return ["conv1", "inception3b", "inception4e", "inception5b"]
-    n = len(core.features)
-    picks = sorted({0, n // 3, (2 * n) // 3, n - 1})
-    return [f"features.{i}" for i in picks]
-
-
 def activations(model: Classifier, x: torch.Tensor, layers: list[str]) -> dict[str, np.ndarray]:
     """The outputs [C, h, w] of the named submodules of the network for one image."""
     modules = dict(model.core.named_modules())
     missing = [n for n in layers if n not in modules]
     if missing:
-        raise ValueError(f"no layer named {missing[0]!r}; e.g. {', '.join(stage_layers(model))}")
+        raise ValueError(f"no layer named {missing[0]!r}; e.g. {', '.join(model.stages())}")
     seen: dict[str, np.ndarray] = {}
     hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o[0].detach().cpu().numpy()))
              for n in layers]
@@ -127,7 +114,8 @@ def overlay(image: Image.Image, cam: np.ndarray) -> Image.Image:
     return Image.fromarray(blend_heatmap(np.asarray(image.convert("RGB")), t), "RGB")
 
 
-def visualize(checkpoint: Path, image: Path, out: Path, layers: list[str] | None = None, top: int = 3) -> dict[str, Any]:
+def visualize(checkpoint: Path, image: Path, out: Path, layers: list[str] | None = None, top: int = 3
+              ) -> dict[str, Any]:
     """Write the PNGs of the module docstring; returns the summary."""
     model, cfg = load_classifier(checkpoint)
     contract = graph_contract(model, "classification", cfg["classes"], cfg["size"], channels=cfg.get("channels") or 3)
@@ -137,7 +125,7 @@ def visualize(checkpoint: Path, image: Path, out: Path, layers: list[str] | None
     written = []
     filter_grid(model).save(out / "filters.png")
     written.append("filters.png")
-    for name, maps in activations(model, x, layers or stage_layers(model)).items():
+    for name, maps in activations(model, x, layers or model.stages()).items():
         if maps.ndim != 3:
             continue
         path = f"activations_{name.replace('.', '_')}.png"

@@ -5,8 +5,8 @@ import torch
 
 from core.metrics import ClassificationMeter
 from export.evaluate import evaluate
-from export.onnx_export import load_checkpoint
 from training.datasets import ImageFolderDataset
+from training.models import load_checkpoint
 
 
 def test_evaluate_classifier_matches_pytorch_on_the_same_images(tiny_repo, tiny_checkpoints, tiny_data) -> None:

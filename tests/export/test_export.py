@@ -13,13 +13,15 @@ from core.errors import ContractError
 from core.runtime import OnnxModel
 from core.tasks import TASKS
 from export.evaluate import evaluate
-from export.onnx_export import export, load_checkpoint
+from export.onnx_export import export
 from export.parity import ParityError, check_parity, sample_batch
+from training.models import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name,task", [("tiny-cls", "classification"), ("tiny-seg", "segmentation"), ("tiny-det", "detection")])
+@pytest.mark.parametrize("name,task", [("tiny-cls", "classification"), ("tiny-seg", "segmentation"),
+                                       ("tiny-det", "detection")])
 def test_exported_model_obeys_contract(tiny_repo: Path, name: str, task: str) -> None:
     path = tiny_repo / name / "1" / "model.onnx"
     proto = onnx.load(str(path))
@@ -98,23 +100,26 @@ def test_fixed_batch_export_evaluates_like_the_dynamic_one(tiny_checkpoints, tin
         np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-3)
     metric = TASKS[task].metric
     fixed_score = evaluate(path, tiny_data / sub / "val")[metric]
-    assert fixed_score == pytest.approx(evaluate(tiny_repo / f"tiny-{sub}" / "1" / "model.onnx", tiny_data / sub / "val")[metric],
-                                        abs=1e-3)
+    assert fixed_score == pytest.approx(evaluate(tiny_repo / f"tiny-{sub}" / "1" / "model.onnx",
+                                                 tiny_data / sub / "val")[metric], abs=1e-3)
 
 
 def test_export_cli_and_evaluate_cli(tiny_checkpoints, tiny_data, tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "export.onnx_export", str(tiny_checkpoints["segmentation"]),
                         "--name", "seg", "--version", "7", "--models-dir", str(tmp_path), "--parity-data",
-                        str(tiny_data / "seg" / "val"), "--parity-images", "4"], capture_output=True, text=True, cwd=ROOT)
+                        str(tiny_data / "seg" / "val"), "--parity-images", "4"],
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["model"] == str(tmp_path / "seg" / "7" / "model.onnx") and out["parity"]["argmax_agreement"] >= 0.999
     assert sorted(p.name for p in (tmp_path / "seg" / "7").iterdir()) == ["model.onnx"]  # no staging file left
-    r = subprocess.run([sys.executable, "-m", "export.evaluate", out["model"], "--data", str(tiny_data / "seg" / "val")],
+    r = subprocess.run([sys.executable, "-m", "export.evaluate", out["model"],
+                        "--data", str(tiny_data / "seg" / "val")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     metrics = json.loads(r.stdout)
-    assert 0.0 <= metrics["miou"] <= 1.0 and set(metrics["iou"]) == {"background", "circle", "square", "triangle", "hexagon", "star"}
+    assert 0.0 <= metrics["miou"] <= 1.0 and set(metrics["iou"]) == {"background", "circle", "square", "triangle",
+                                                                      "hexagon", "star"}
 
 
 def test_evaluate_cli_names_a_wrong_dataset(tiny_repo, tiny_data) -> None:
@@ -124,13 +129,15 @@ def test_evaluate_cli_names_a_wrong_dataset(tiny_repo, tiny_data) -> None:
     assert str(tiny_data / "cls" / "val" / "images") in r.stderr
 
 
+@pytest.mark.slow
 def test_torchvision_detector_trains_and_exports_as_a_batch_1_graph(tiny_data, tmp_path) -> None:
     from training.train import TrainConfig, train
 
     cfg = TrainConfig(task="detection", train=str(tiny_data / "det" / "train"), val=str(tiny_data / "det" / "val"),
                       arch="ssdlite320_mobilenet_v3_large", size=160, epochs=1, batch_size=4, workers=0, max_steps=2)
     train(cfg, tmp_path / "run")
-    path, report = export(tmp_path / "run" / "best.pt", "ssd", "1", tmp_path / "models", "tiny", tiny_data / "det" / "val", 4)
+    path, report = export(tmp_path / "run" / "best.pt", "ssd", "1", tmp_path / "models", "tiny",
+                          tiny_data / "det" / "val", 4)
     assert report["unmatched_detections"] <= 0.02 * report["detections_compared"]
     model = OnnxModel.load(path, "ssd", "1", "cpu", 2)
     c = model.contract
@@ -138,7 +145,7 @@ def test_torchvision_detector_trains_and_exports_as_a_batch_1_graph(tiny_data, t
     x = sample_batch(tiny_data / "det" / "val", c, 2)
     out = model.run(x[:1])
     assert out["boxes"].ndim == 2 and out["boxes"].shape[1] == 4 and out["scores"].shape == out["labels"].shape
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - ONNX Runtime's own error type (a pybind11 class) for a wrong shape
         model.run(x)  # two images: the graph takes exactly one
     per_image = model.infer(x)  # infer runs them one by one
     assert len(per_image) == 2 and per_image[0]["boxes"].ndim == 2

@@ -13,6 +13,8 @@ from export.evaluate import evaluate
 from export.quantize import QuantizationError, quantize
 from training.synthetic import write_classification
 
+pytestmark = pytest.mark.slow  # quantizes and evaluates the shipped classifier
+
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "models" / "shapes-classifier" / "1" / "model.onnx"
 

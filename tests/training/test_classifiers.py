@@ -13,7 +13,7 @@ import torch
 from core.imaging import load_input
 from core.onnx_contract import read_contract
 from core.runtime import OnnxModel
-from tests.conftest import ARCHS
+from tests.support.archs import ARCHS
 from training.datasets import data_channels
 from training.models import build_model, default_size
 from training.visualize import grad_cam, load_classifier
@@ -24,7 +24,8 @@ def _model_path(repo: dict[str, Path], arch: str) -> Path:
 
 
 @pytest.mark.parametrize("task,arch,data,size,width,extras", ARCHS, ids=[a[1] for a in ARCHS])
-def test_every_architecture_trains_and_exports_with_parity(tiny_arch_repo, task, arch, data, size, width, extras) -> None:
+def test_every_architecture_trains_and_exports_with_parity(tiny_arch_repo, task, arch, data, size, width,
+                                                           extras) -> None:
     path = _model_path(tiny_arch_repo, arch)
     c = read_contract(path)
     assert c.task == task and c.provenance["architecture"] == arch and c.input.height == size

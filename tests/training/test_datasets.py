@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.datasets import CocoDetectionDataset, DatasetError, ImageFolderDataset, SegmentationDataset
 from core.metrics import load_coco
+from training.datasets import CocoDetectionDataset, DatasetError, ImageFolderDataset, SegmentationDataset
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -97,6 +97,7 @@ def test_coco_unknown_category_and_missing_image(tiny_data: Path, tmp_path: Path
         CocoDetectionDataset(root, (64, 64))
 
 
+@pytest.mark.slow  # the training CLI in a subprocess
 def test_train_cli_reports_dataset_errors_cleanly(tiny_data: Path, tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -104,15 +105,16 @@ def test_train_cli_reports_dataset_errors_cleanly(tiny_data: Path, tmp_path: Pat
     root = _copy(tiny_data / "cls" / "val", tmp_path / "cls")
     bad = next((root / "square").iterdir())
     bad.write_bytes(b"garbage")
-    r = subprocess.run([sys.executable, "-m", "training.train", "classification", "--train", str(root), "--val", str(root),
-                        "--out", str(tmp_path / "run"), "--epochs", "1"], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parents[2])
+    r = subprocess.run([sys.executable, "-m", "training.train", "classification", "--train", str(root),
+                        "--val", str(root), "--out", str(tmp_path / "run"), "--epochs", "1"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 2
     assert f"dataset error: {bad}" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 
+@pytest.mark.slow
 def test_training_with_loader_workers_under_spawn(tiny_data: Path, tmp_path: Path) -> None:
     """train()'s DataLoader workers start under the spawn start method (their init function
     must pickle): one step with one worker, in a fresh interpreter set to spawn."""
@@ -123,7 +125,8 @@ def test_training_with_loader_workers_under_spawn(tiny_data: Path, tmp_path: Pat
 import multiprocessing as mp
 mp.set_start_method("spawn")
 from training.train import TrainConfig, train
-cfg = TrainConfig(task="classification", train={str(tiny_data / "cls" / "train")!r}, val={str(tiny_data / "cls" / "val")!r},
+cfg = TrainConfig(task="classification", train={str(tiny_data / "cls" / "train")!r},
+                  val={str(tiny_data / "cls" / "val")!r},
                   arch="mobilenet_v3_small", size=32, width_mult=0.5, epochs=1, batch_size=8, workers=1, max_steps=1)
 print(sorted(train(cfg, __import__("pathlib").Path({str(tmp_path / "run")!r}))))
 """

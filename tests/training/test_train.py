@@ -5,11 +5,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from training.checkpoints import restore
 from training.datasets import CocoDetectionDataset, ImageFolderDataset, SegmentationDataset, detection_collate
 from training.models import build_model
-from training.train import TrainConfig, restore, seed_everything, train
+from training.train import TrainConfig, seed_everything, train
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task,arch,size", [
     ("classification", "mobilenet_v3_small", 64),
     ("segmentation", "lraspp_mobilenet_v3_large", 64),

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.support.servers import ROOT
 from training.models import WeightsError, build_model
 from training.train import TrainConfig, train
+
+pytestmark = pytest.mark.slow  # every test trains
 
 SIZE = 32
 
@@ -46,8 +48,9 @@ def three_classes(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _train(data: Path, out: Path, **kw) -> dict[str, torch.Tensor]:
-    cfg = TrainConfig(task="classification", train=str(data / "train"), val=str(data / "val"), arch=kw.pop("arch", "resnet18"),
-                      size=SIZE, epochs=1, batch_size=8, lr=1e-2, workers=0, max_steps=4, **kw)
+    cfg = TrainConfig(task="classification", train=str(data / "train"), val=str(data / "val"),
+                      arch=kw.pop("arch", "resnet18"), size=SIZE, epochs=1, batch_size=8, lr=1e-2, workers=0,
+                      max_steps=4, **kw)
     train(cfg, out)
     ck = torch.load(out / "last.pt", weights_only=True)
     return {k.removeprefix("core."): v for k, v in ck["model"].items()}
@@ -88,8 +91,9 @@ def test_weights_of_another_architecture_name_the_file_and_the_key(pretrained, t
     state["layer2.0.conv1.weight"] = torch.zeros(128, 64, 5, 5)
     bad = tmp_path / "bad.pth"
     torch.save(state, bad)
-    with pytest.raises(WeightsError, match=r"first mismatching key 'layer2\.0\.conv1\.weight' has shape \[128, 64, 5, 5\] "
-                                           r"in the file, \[128, 64, 3, 3\] in the model"):
+    with pytest.raises(WeightsError, match=r"first mismatching key 'layer2\.0\.conv1\.weight' "
+                                           r"has shape \[128, 64, 5, 5\] in the file, "
+                                           r"\[128, 64, 3, 3\] in the model"):
         build_model("classification", "resnet18", 5, weights=bad)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="junk.pth: not a readable state-dict file"):
@@ -97,7 +101,8 @@ def test_weights_of_another_architecture_name_the_file_and_the_key(pretrained, t
 
 
 def test_the_cli_says_it_in_one_line(pretrained, tiny_data, tmp_path) -> None:
-    r = subprocess.run([sys.executable, "-m", "training.train", "classification", "--train", str(tiny_data / "cls" / "train"),
+    r = subprocess.run([sys.executable, "-m", "training.train", "classification",
+                        "--train", str(tiny_data / "cls" / "train"),
                         "--val", str(tiny_data / "cls" / "val"), "--out", str(tmp_path / "x"), "--arch", "resnet34",
                         "--size", "32", "--weights", str(pretrained), "--workers", "0", "--max-steps", "1"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)

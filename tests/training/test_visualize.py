@@ -11,14 +11,15 @@ import torch
 from PIL import Image
 
 from core.imaging import load_input
-from tests.conftest import ROOT
+from tests.support.servers import ROOT
 from training.visualize import load_classifier
 
 
 def test_visualize_writes_filters_activations_and_cams(tiny_arch_repo, tiny_data, tmp_path) -> None:
     image = sorted((tiny_data / "cls" / "val" / "star").glob("*.jpg"))[0]
-    r = subprocess.run([sys.executable, "-m", "training.visualize", str(tiny_arch_repo["resnet18"]), "--image", str(image),
-                        "--out", str(tmp_path / "viz"), "--top", "2"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "training.visualize", str(tiny_arch_repo["resnet18"]),
+                        "--image", str(image), "--out", str(tmp_path / "viz"), "--top", "2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     written = set(summary["written"])
