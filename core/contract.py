@@ -6,8 +6,10 @@ model-specific that is not in it. See README.md "The model contract" for the sch
 
 Every field is type-checked against the dataclasses below and every error is a
 ContractError that names the field (``input.pad_value: expected an integer, got 'x'``).
-What a task's outputs must name and how they are shaped is declared in core.tasks.
-Pure Python; the graph's I/O is handed to :func:`check_io` by whoever opened the file.
+What each task's outputs must name and how they are shaped is declared here too
+(:data:`LAYOUTS`): it is part of the document, and core.tasks (what a task does with those
+outputs) reads it from here. Pure Python; the graph's I/O is handed to :func:`check_io` by
+whoever opened the file.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from core.errors import ContractError
 
@@ -47,7 +50,7 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """What the graph's outputs mean; which fields a task needs is in core.tasks.
+    """What the graph's outputs mean; which fields a task needs is in :data:`LAYOUTS`.
 
     classification: ``scores`` names [N, C] logits or probabilities (``kind``); optionally
       ``embedding`` [N, D] (the penultimate features, for similarity search) and ``cam``
@@ -89,6 +92,55 @@ class BatchSpec:
         return None if self.dynamic else self.size
 
 
+OUTPUT_FIELDS = ("scores", "boxes", "labels", "count", "masks", "embedding", "cam")  # OutputSpec's tensor fields
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """What a task's graph outputs are: the allowed ``outputs.kind`` values, the rank of one
+    image's tensor for each output field (by kind; ``"*"`` for any kind), the fields that may
+    be left out."""
+
+    kinds: tuple[str, ...]
+    image_ranks: Mapping[str, Mapping[str, int]]
+    optional: tuple[str, ...] = ()
+
+    def check(self, task: str, spec: OutputSpec) -> None:
+        """ContractError naming the field if ``spec`` is not a valid output spec for ``task``."""
+        if spec.kind not in self.kinds:
+            raise ContractError(f"outputs.kind: a {task} model's must be one of {self.kinds}, got {spec.kind!r}")
+        for name in self.image_ranks:
+            if name not in self.optional and not getattr(spec, name):
+                raise ContractError(f"outputs.{name}: required for {task} (the graph output it names)")
+        for name in OUTPUT_FIELDS:
+            if name not in self.image_ranks and getattr(spec, name):
+                raise ContractError(f"outputs.{name}: not an output of a {task} model")
+        if spec.max_detections is not None and spec.max_detections < 1:
+            raise ContractError(f"outputs.max_detections: must be >= 1, got {spec.max_detections}")
+
+    def named(self, spec: OutputSpec) -> dict[str, str]:
+        """Contract field -> graph output name, for the fields ``spec`` sets."""
+        return {f: getattr(spec, f) for f in self.image_ranks if getattr(spec, f)}
+
+    def image_rank(self, output_field: str, kind: str) -> int:
+        """The rank of one image's ``output_field`` tensor for outputs of ``kind``."""
+        ranks = self.image_ranks[output_field]
+        return ranks.get(kind, ranks.get("*", -1))
+
+
+_CLASSIFIER_RANKS = {"scores": {"*": 1}, "embedding": {"*": 1}, "cam": {"*": 3}}
+# Every task's output layout, by task name (the tasks themselves: core.tasks.TASKS).
+LAYOUTS: dict[str, OutputLayout] = {
+    "classification": OutputLayout(kinds=("logits", "probabilities"), image_ranks=_CLASSIFIER_RANKS,
+                                   optional=("embedding", "cam")),
+    "detection": OutputLayout(kinds=("boxes",), optional=("count",),
+                              image_ranks={"boxes": {"*": 2}, "scores": {"*": 1}, "labels": {"*": 1},
+                                           "count": {"*": 0}}),
+    "segmentation": OutputLayout(kinds=("mask_logits", "class_map"),
+                                 image_ranks={"masks": {"mask_logits": 3, "class_map": 2}}),
+}
+
+
 @dataclass(frozen=True)
 class ModelContract:
     task: str
@@ -103,12 +155,12 @@ class ModelContract:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
-    def with_provenance(self, **entries: Any) -> "ModelContract":
+    def with_provenance(self, **entries: Any) -> ModelContract:
         """A copy with ``entries`` added to the provenance."""
         return dataclasses.replace(self, provenance={**self.provenance, **entries})
 
     @classmethod
-    def from_json(cls, text: str | None) -> "ModelContract":
+    def from_json(cls, text: str | None) -> ModelContract:
         """Parse and validate a contract document; raises ContractError naming the field."""
         if not text:
             raise ContractError(f"no '{METADATA_KEY}' entry in the ONNX metadata_props")
@@ -119,7 +171,7 @@ class ModelContract:
         return cls.from_dict(doc)
 
     @classmethod
-    def from_dict(cls, doc: Any) -> "ModelContract":
+    def from_dict(cls, doc: Any) -> ModelContract:
         """Build from a parsed document, checking every field's type, then validate."""
         contract = _build(cls, doc, "")
         contract.validate()
@@ -127,12 +179,10 @@ class ModelContract:
 
     def validate(self) -> None:
         """Check values and consistency (not against a graph: see check_io)."""
-        from core.tasks import TASKS
-
         if self.schema_version != SCHEMA_VERSION:
             raise ContractError(f"schema_version: unsupported version {self.schema_version} (this is {SCHEMA_VERSION})")
-        if self.task not in TASKS:
-            raise ContractError(f"task: must be one of {sorted(TASKS)}, got {self.task!r}")
+        if self.task not in LAYOUTS:
+            raise ContractError(f"task: must be one of {sorted(LAYOUTS)}, got {self.task!r}")
         if self.precision not in PRECISIONS:
             raise ContractError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not self.labels:
@@ -145,7 +195,7 @@ class ModelContract:
                 raise ContractError(f"labels[{i}]: duplicate class name {name!r}")
             seen.add(name)
         _validate_input(self.input)
-        TASKS[self.task].check_outputs(self.outputs)
+        LAYOUTS[self.task].check(self.task, self.outputs)
         b = self.batch
         if b.dynamic and b.size is not None:
             raise ContractError("batch.size: must be null when batch.dynamic is true")
@@ -268,8 +318,6 @@ def check_io(contract: ModelContract, inputs: Iterable[IOSpec], outputs: Iterabl
     task says one image's outputs have, plus the batch axis (which only a fixed batch of 1
     may leave out).
     """
-    from core.tasks import TASKS
-
     inputs, outputs = list(inputs), list(outputs)
     spec = contract.input
     if len(inputs) != 1:
@@ -288,12 +336,12 @@ def check_io(contract: ModelContract, inputs: Iterable[IOSpec], outputs: Iterabl
     if not contract.batch.dynamic and isinstance(n, int) and n != contract.batch.size:
         raise ContractError(f"batch.size: the contract says {contract.batch.size}, the graph's batch axis is {n}")
     shapes = {n: s for n, _, s in outputs}
-    task = TASKS[contract.task]
-    for field_name, tensor in task.named_outputs(contract.outputs).items():
+    layout = LAYOUTS[contract.task]
+    for field_name, tensor in layout.named(contract.outputs).items():
         if tensor not in shapes:
             raise ContractError(f"outputs.{field_name}: the graph has no output named {tensor!r} "
                                 f"(has {sorted(shapes)})")
-        shape, image_rank = shapes[tensor], task.image_rank(field_name, contract.outputs.kind)
+        shape, image_rank = shapes[tensor], layout.image_rank(field_name, contract.outputs.kind)
         allowed = {image_rank + 1} | ({image_rank} if contract.batch.max_size == 1 else set())
         if len(shape) not in allowed:
             raise ContractError(f"outputs.{field_name}: output {tensor!r} has rank {len(shape)}; a "

@@ -202,7 +202,8 @@ class CocoDetection:
             for s, im in zip(self.samples, doc["images"]):
                 if "width" in im and "height" in im and upright_size(s.image) != (im["width"], im["height"]):
                     raise DatasetError(f"{s.image}: {self.annotations_file.name} says {im['width']}x{im['height']}, "
-                                       f"the image is {'x'.join(map(str, upright_size(s.image)))} after EXIF orientation")
+                                       f"the image is {'x'.join(map(str, upright_size(s.image)))} "
+                                       "after EXIF orientation")
         self._coco: Any = None
 
     @property

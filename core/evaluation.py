@@ -11,8 +11,9 @@ provenance are the ones ``python -m export.evaluate`` reports for the exported f
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 

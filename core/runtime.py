@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from core.contract import METADATA_KEY, ModelContract, check_io
+from core.contract import METADATA_KEY, ModelContract
 from core.errors import DeviceUnavailable, InvalidModel
+from core.onnx_contract import check_classes, checked_contract
 from core.tasks import TASKS, Outputs
 
 log = logging.getLogger("convserve.runtime")
@@ -136,8 +137,9 @@ class OnnxModel:
     session: ort.InferenceSession
 
     @classmethod
-    def load(cls, path: Path, name: str, version: str, device: str = "auto", threads: int = 1) -> "OnnxModel":
-        """Open ``path`` and validate its contract against the graph.
+    def load(cls, path: Path, name: str, version: str, device: str = "auto", threads: int = 1) -> OnnxModel:
+        """Open ``path`` and validate its contract against the graph
+        (core.onnx_contract.checked_contract: bounds, inputs, outputs, class counts declared).
 
         Raises InvalidModel (ContractError for the contract) or DeviceUnavailable."""
         try:
@@ -147,9 +149,14 @@ class OnnxModel:
         except Exception as exc:  # ONNX Runtime's own errors: not ONNX, unsupported op, ...
             raise InvalidModel(f"ONNX Runtime cannot load it: {exc}") from None
         meta = session.get_modelmeta().custom_metadata_map
-        contract = ModelContract.from_json(meta.get(METADATA_KEY))
-        check_io(contract, _io(session.get_inputs()), _io(session.get_outputs()))
+        contract = checked_contract(meta.get(METADATA_KEY), _io(session.get_inputs()), _io(session.get_outputs()))
         return cls(name, version, path, contract, session)
+
+    def check_answer(self, outputs: Outputs) -> None:
+        """ContractError unless one image's ``outputs`` (from :meth:`infer`) have as many
+        classes as the contract has labels: the check for graphs that leave the class
+        dimension symbolic, which :meth:`load` cannot make."""
+        check_classes(self.contract, {k: v.shape for k, v in outputs.items()}, "a run's")
 
     @property
     def providers(self) -> list[str]:

@@ -22,7 +22,8 @@ def _folder(root: Path) -> Path:
 def _contract(labels: list[str], batch: dict | None = None) -> ModelContract:
     return ModelContract.from_dict({"task": "classification", "labels": labels,
                                     "input": {"name": "images", "height": 8, "width": 8},
-                                    "outputs": {"kind": "logits", "scores": "logits"}, **({"batch": batch} if batch else {})})
+                                    "outputs": {"kind": "logits", "scores": "logits"},
+                                    **({"batch": batch} if batch else {})})
 
 
 def _by_colour(labels: list[str]):

@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 
 from core.contract import ModelContract
-from core.errors import InvalidOption
 from core.geometry import Geometry
-from core.tasks import BY_ENDPOINT, ENDPOINTS, TASKS
+from core.tasks import TASKS
 
 
 def _contract(task: str, outputs: dict, labels=("bg", "a", "b"), batch=None) -> ModelContract:
@@ -13,42 +12,6 @@ def _contract(task: str, outputs: dict, labels=("bg", "a", "b"), batch=None) -> 
     if batch:
         doc["batch"] = batch
     return ModelContract.from_dict(doc)
-
-
-def test_every_task_has_an_endpoint_a_metric_and_options() -> None:
-    assert set(BY_ENDPOINT) == {"classify", "detect", "segment"}
-    for name, task in TASKS.items():
-        assert BY_ENDPOINT[task.endpoint] is task and task.name == name
-        assert task.options[0].name == "model"
-        assert task.default_resize in ("stretch", "letterbox")
-
-
-@pytest.mark.parametrize("endpoint,raw,want", [
-    ("classify", {}, {"model": "", "top_k": 5, "cam": False}),
-    ("classify", {"top_k": " 3 ", "model": "m:2", "cam": "True"}, {"model": "m:2", "top_k": 3, "cam": True}),
-    ("classify", {"cam": "0"}, {"model": "", "top_k": 5, "cam": False}),
-    ("detect", {"score_threshold": "0", "max_detections": "1000"}, {"model": "", "score_threshold": 0.0, "max_detections": 1000}),
-    ("segment", {"mask_format": "polygon"}, {"model": "", "mask_format": "polygon"}),
-])
-def test_options_parse(endpoint, raw, want) -> None:
-    assert BY_ENDPOINT[endpoint].parse_options(raw) == want
-
-
-@pytest.mark.parametrize("endpoint,raw,message", [
-    ("classify", {"top_k": "0"}, "top_k: must be >= 1"),
-    ("classify", {"top_k": "1001"}, "top_k: must be <= 1000"),
-    ("classify", {"top_k": "2.5"}, "top_k: expected an integer"),
-    ("classify", {"top_k": ""}, "top_k: expected an integer"),
-    ("classify", {"cam": "maybe"}, "cam: expected true or false"),
-    ("detect", {"score_threshold": "nan"}, "score_threshold: expected a finite number"),
-    ("detect", {"score_threshold": "1.5"}, "score_threshold: must be <= 1.0"),
-    ("segment", {"mask_format": "jpeg"}, "mask_format: must be one of rle, polygon, png"),
-    ("segment", {"top_k": "3"}, "top_k: unknown option for /segment"),
-])
-def test_bad_options_are_named(endpoint, raw, message) -> None:
-    with pytest.raises(InvalidOption, match=f"^{message}") as exc:
-        BY_ENDPOINT[endpoint].parse_options(raw)
-    assert exc.value.field == message.split(":")[0]
 
 
 def test_split_with_and_without_a_batch_axis() -> None:
@@ -84,32 +47,43 @@ def test_results_per_task() -> None:
     assert only["label"] == "a" and only["area"] == 2 * 8 and only["bbox"] == [4, 2, 12, 4]
 
 
-def test_embed_is_served_by_classifiers_with_an_embedding_only() -> None:
-    embed = ENDPOINTS["embed"]
-    plain = _contract("classification", {"kind": "logits", "scores": "s"})
-    with_embedding = _contract("classification", {"kind": "logits", "scores": "s", "embedding": "e"})
-    assert not embed.serves(plain) and embed.serves(with_embedding) and ENDPOINTS["classify"].serves(plain)
-    result = embed.result({"s": np.zeros(3), "e": np.array([3.0, 0.0, 4.0])}, Geometry(8, 8, 1, 1, 8, 8),
-                          with_embedding, {})
-    assert result == {"embedding": [0.6, 0.0, 0.8], "dimensions": 3}
+def _compared_names(path, names: set[str]) -> list[str]:
+    """Where ``path`` compares a value with one of ``names`` (==, !=, in/not in a literal
+    collection, a match case): behaviour chosen by testing a name instead of by table lookup."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        literals: list[ast.AST] = []
+        if isinstance(node, ast.Compare):
+            for operand in (node.left, *node.comparators):
+                literals += operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+        elif isinstance(node, ast.MatchValue):
+            literals.append(node.value)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("startswith", "endswith"):
+            literals += node.args
+        hits = [n.value for n in literals if isinstance(n, ast.Constant) and n.value in names]
+        found += [f"{path.name}:{node.lineno}: {h!r}" for h in hits]
+    return found
 
 
-def test_cam_is_refused_for_a_model_without_it_and_drawn_at_original_size() -> None:
-    classify = ENDPOINTS["classify"]
-    plain = _contract("classification", {"kind": "logits", "scores": "s"})
-    with pytest.raises(InvalidOption, match="^cam: this model carries no class activation maps"):
-        classify.check_request(plain, {"cam": True})
-    classify.check_request(plain, {"cam": False})
-    c = _contract("classification", {"kind": "logits", "scores": "s", "cam": "c"})
-    cam = np.zeros((3, 2, 2), np.float32)
-    cam[2, 0, 1] = 4.0  # class b is hot in the top-right cell only
-    geo = Geometry(40, 20, 8 / 40, 8 / 20, 8, 8)  # a 40x20 upload stretched to the 8x8 input
-    (best, _) = classify.result({"s": np.array([0.0, 1.0, 3.0]), "c": cam}, geo, c, {"top_k": 2, "cam": True})["labels"]
-    import base64
-    import io
+def test_no_task_endpoint_or_architecture_name_is_compared_anywhere(tmp_path) -> None:
+    """Tasks, endpoints and architectures are chosen by looking them up in their tables
+    (core.tasks.TASKS, service.endpoints.ENDPOINTS, training.models.ARCHITECTURES), never by
+    comparing names: adding one touches its declaration, not every place that branches."""
+    from pathlib import Path
 
-    from PIL import Image
+    from service.endpoints import ENDPOINTS
+    from training.models import ARCHITECTURES
 
-    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(best["heatmap_png"]))))
-    assert best["label"] == "b" and heat.shape == (20, 40) and heat.max() == 255
-    assert heat[:, 30:].mean() > 3 * heat[:, :10].mean()  # hot on the right, as the grid says
+    names = set(TASKS) | set(ENDPOINTS) | {a for archs in ARCHITECTURES.values() for a in archs}
+    root = Path(__file__).resolve().parents[2]
+    found = [hit for package in ("core", "service", "training", "export", "loadtest")
+             for path in sorted((root / package).rglob("*.py")) for hit in _compared_names(path, names)]
+    assert not found, found
+    probe = tmp_path / "probe.py"  # the scan finds each form it looks for
+    probe.write_text('if a == "lenet5": pass\nif t in ("detection", "x"): pass\n'
+                     'ok = a.startswith("centernet_mobilenet_v3_small")\n'
+                     'match t:\n    case "classify": pass\nTABLE = {"lenet5": 1}\n')
+    assert [h.split(": ")[1] for h in _compared_names(probe, names)] == [
+        "'lenet5'", "'detection'", "'centernet_mobilenet_v3_small'", "'classify'"]
