@@ -1,5 +1,6 @@
-"""The start-up check, as a command: settings valid, every model in the repository readable
-with a contract that agrees with its graph, CUDA there if CONVSERVE_DEVICE=cuda.
+"""The start-up check, as a command: the installed BentoML is the one convserve's workarounds
+were written for (service.bentoml_patches), settings valid, every model in the repository
+readable with a contract that agrees with its graph, CUDA there if CONVSERVE_DEVICE=cuda.
 
     python -m service.check        # exit 0, or one line on stderr and exit 2
 
@@ -12,16 +13,25 @@ from __future__ import annotations
 import sys
 
 from core.errors import ConvserveError
+from service import bentoml_patches
 from service.repository import check_repository
 from service.settings import Settings
 
 
 def main() -> None:
     try:
+        bentoml_patches.check_version()  # the version only: bentoml serve's process checked the rest at import
+    except RuntimeError as exc:
+        _stop(exc)
+    try:
         check_repository(Settings.from_env())
     except ConvserveError as exc:
-        print(f"convserve: cannot start: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _stop(exc)
+
+
+def _stop(exc: Exception) -> None:
+    print(f"convserve: cannot start: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

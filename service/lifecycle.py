@@ -9,11 +9,8 @@ request already admitted finish, and then hands the signal to uvicorn, which exi
 admitted requests take longer than CONVSERVE_GRACE_S, it hands over anyway. The container's
 stop timeout (docker-compose ``stop_grace_period``) must be longer than the grace period.
 
-**Respawn.** BentoML's supervisor restarts a dead worker, except inside a container
-(``BENTOML_CONTAINERIZED``), where it expects the container to be restarted instead; but a
-supervisor with no worker left neither serves nor exits, so the container never restarts
-either. :func:`always_respawn` makes the supervisor restart dead workers everywhere
-(measured: serving again within seconds of a ``kill -9``, the time to load and warm up).
+**Respawn.** A worker that dies is restarted by BentoML's supervisor, inside containers too:
+see ``respawn-in-containers`` in service.bentoml_patches.
 """
 
 from __future__ import annotations
@@ -22,7 +19,8 @@ import asyncio
 import logging
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("convserve.lifecycle")
 
@@ -75,11 +73,3 @@ class Drain:
         else:
             signal.raise_signal(signum)
 
-
-def always_respawn() -> None:
-    """Let BentoML's supervisor restart dead workers inside containers too (idempotent):
-    ``bentoml.serving.create_watcher`` asks ``running_inside_container`` for that decision
-    only (``respawn=not running_inside_container()``), and nothing else asks it."""
-    import bentoml.serving as serving
-
-    serving.running_inside_container = lambda: False
