@@ -13,6 +13,8 @@ compares the disk with what is loaded:
 - a removed version stops being offered at once; requests that already hold it finish;
 - a file that cannot be served is refused with a log line naming it and listed in
   :attr:`ModelRepository.errors` (/models shows them); what was serving goes on serving.
+  Clients see its path relative to the model root and what is wrong in convserve's words
+  (:class:`Refused`); the server path and ONNX Runtime's own text go to the log only.
 
 Requests name ``name`` or ``name:version``; without a version the highest one answers,
 without a name the first model (by name) that can serve the endpoint.
@@ -23,22 +25,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 import numpy as np
 
-from core.errors import DeviceUnavailable, InvalidModel, ModelNotFound, RepositoryError, WrongTask
+from core.errors import ContractError, DeviceUnavailable, InvalidModel, ModelNotFound, RepositoryError, WrongTask
 from core.repository import ModelEntry, discover, scan, version_key
 from core.runtime import OnnxModel
-from core.tasks import ENDPOINTS, TASKS
 from service.batching import DynamicBatcher
+from service.endpoints import ENDPOINTS, TASK_ENDPOINTS, Endpoint
 from service.settings import Settings
-
-if TYPE_CHECKING:
-    from core.tasks import Task
 
 log = logging.getLogger("convserve.repository")
 FileId = tuple[int, int, int]  # inode, size, mtime (ns) of a model.onnx
@@ -62,27 +62,60 @@ def check_repository(settings: Settings) -> list[ModelEntry]:
     return found
 
 
+class Refused(RepositoryError):
+    """A model file that cannot be served. Its message (for the log and the start-up check's
+    one line) names the file's full path and carries ONNX Runtime's own text; ``reason`` is what
+    clients see (/models, /admin/reload, /v2/repository/index): convserve's words, no server
+    path, no ONNX Runtime internals."""
+
+    def __init__(self, path: Path, detail: str, reason: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path, self.reason = path, reason
+
+
+LOG_ONLY = " (the server log has details)"
+
+
+def reason_for(exc: BaseException) -> str:
+    """What clients are told about a file refused with ``exc``: contract errors are already
+    convserve's words (they name the contract field); anything else is summed up."""
+    if isinstance(exc, Refused):
+        return exc.reason
+    if isinstance(exc, ContractError):
+        return f"invalid model: {exc}"
+    if isinstance(exc, InvalidModel):
+        return "invalid model: ONNX Runtime could not load the graph" + LOG_ONLY
+    if isinstance(exc, DeviceUnavailable):
+        return "the device CONVSERVE_DEVICE asks for is not available for this model" + LOG_ONLY
+    return "the model could not be loaded" + LOG_ONLY
+
+
 def open_model(entry: ModelEntry, device: str, threads: int) -> OnnxModel:
-    """``entry``'s file in ONNX Runtime, its contract checked; RepositoryError naming the file."""
+    """``entry``'s file in ONNX Runtime, its contract checked; :class:`Refused` naming the file."""
     try:
         return OnnxModel.load(entry.path, entry.name, entry.version, device, threads)
     except InvalidModel as exc:
-        raise RepositoryError(f"{entry.path}: invalid model: {exc}") from None
+        raise Refused(entry.path, f"invalid model: {exc}", reason_for(exc)) from None
 
 
 def checked_warm_up(model: OnnxModel, max_batch: int) -> None:
-    """:func:`warm_up` one run at a time; RepositoryError naming the file when the graph fails
-    (whatever it raises: the worker's warm-up would too)."""
+    """:func:`warm_up` one run at a time; :class:`Refused` naming the file when the graph fails
+    (whatever it raises: the worker's warm-up would too) or answers with a class count other
+    than the contract's."""
     try:
         warm_up(model, max_batch, 1)
+    except ContractError as exc:
+        raise Refused(model.path, f"invalid model: {exc}", reason_for(exc)) from None
     except Exception as exc:
-        raise RepositoryError(f"{model.path}: the model fails on a warm-up batch: {exc}") from None
+        raise Refused(model.path, f"the model fails on a warm-up batch: {exc}",
+                      "the model fails on a warm-up batch" + LOG_ONLY) from None
 
 
 def warm_up(model: OnnxModel, max_batch: int, concurrent: int, executor: ThreadPoolExecutor | None = None) -> None:
     """Run ``model`` as hard as serving will: its largest batch ``concurrent`` times at once,
     then one image. ONNX Runtime's memory then holds what serving needs, and neither first
-    requests nor new batch sizes pay set-up time or grow it much."""
+    requests nor new batch sizes pay set-up time or grow it much. ContractError when the
+    one image's answer has another class count than the contract's labels."""
     i = model.contract.input
     largest = np.full((min(max_batch, model.contract.batch.max_size or max_batch), i.height, i.width, i.channels),
                       i.pad_value, np.uint8)
@@ -90,7 +123,7 @@ def warm_up(model: OnnxModel, max_batch: int, concurrent: int, executor: ThreadP
         list(executor.map(model.infer, [largest] * concurrent))
     else:
         model.infer(largest)
-    model.infer(largest[:1])
+    model.check_answer(model.infer(largest[:1])[0])  # graphs that leave the class count symbolic
 
 
 def _highest(versions: dict[str, Any]) -> str:
@@ -119,10 +152,10 @@ class ServedModel:
 
     def describe(self, default: bool) -> dict[str, Any]:
         c = self.model.contract
-        endpoints = [f"/{e.endpoint}" for e in ENDPOINTS.values() if e.serves(c)]
+        endpoints = [f"/{e.name}" for e in ENDPOINTS.values() if e.serves(c)]
         return {
             "name": self.model.name, "version": self.model.version, "default_version": default,
-            "task": c.task, "endpoint": f"/{TASKS[c.task].endpoint}", "endpoints": endpoints,
+            "task": c.task, "endpoint": f"/{TASK_ENDPOINTS[c.task].name}", "endpoints": endpoints,
             "precision": c.precision, "labels": c.labels,
             "input": {"height": c.input.height, "width": c.input.width, "channels": c.input.channels,
                       "color": c.input.color, "resize": c.input.resize, "dtype": c.input.dtype,
@@ -130,7 +163,8 @@ class ServedModel:
             "outputs": {k: v for k, v in (("embedding", c.outputs.embedding), ("cam", c.outputs.cam)) if v},
             "batch": {"dynamic": c.batch.dynamic, "size": c.batch.size, "max_batch": self.batcher.max_batch},
             "providers": self.model.providers,
-            "provenance": {k: v for k, v in c.provenance.items() if k in ("architecture", "dataset", "metrics", "exported_at")},
+            "provenance": {k: v for k, v in c.provenance.items()
+                           if k in ("architecture", "dataset", "metrics", "exported_at")},
         }
 
 
@@ -141,7 +175,7 @@ class ReloadReport:
     added: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
-    refused: dict[str, str] = field(default_factory=dict)  # path -> why
+    refused: dict[str, str] = field(default_factory=dict)  # path relative to the model root -> why
 
     def as_dict(self) -> dict[str, Any]:
         return {"added": self.added, "replaced": self.replaced, "removed": self.removed, "refused": self.refused}
@@ -158,7 +192,8 @@ class ModelRepository:
         # Up to inference_threads batches run at once (each on ort_threads cores), shared by all models.
         self.executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="ort")
         self.models: dict[str, dict[str, ServedModel]] = {}
-        self.errors: dict[str, tuple[str, FileId | None]] = {}  # path -> (why, the file refused) of refused files
+        # refused files: path relative to the model root -> (why, in convserve's words; the file refused)
+        self.errors: dict[str, tuple[str, FileId | None]] = {}
         self.ready = False
         self._reload_lock: asyncio.Lock | None = None
         for entry in discover(settings.model_root):
@@ -175,14 +210,14 @@ class ModelRepository:
         batcher = DynamicBatcher(
             model.infer, self.executor,
             max_batch=min(wanted, fixed) if fixed else wanted,
-            max_wait_ms=s.batch_wait_ms, max_queue=s.max_queue * s.max_images,
+            max_wait_ms=s.batch_wait_ms, max_pending_images=s.max_requests * s.max_images,
             on_batch=(lambda n, sec, ref=entry.ref: on_batch(ref, n, sec)) if on_batch else None,
             concurrency=s.inference_threads,
         )
         log.info("loaded %s (%s) from %s on %s", entry.ref, model.contract.task, entry.path, model.providers)
         return ServedModel(model, batcher, ident)
 
-    def warm_up(self) -> None:
+    def warm_up_all(self) -> None:
         """:func:`warm_up` every model, its largest batch on every inference thread at once."""
         for versions in self.models.values():
             for served in versions.values():
@@ -191,24 +226,24 @@ class ModelRepository:
 
     # --- serving ----------------------------------------------------------------------
 
-
-    def resolve(self, ref: str | None, task: "Task") -> ServedModel:
-        """The model a request to ``task``'s endpoint names (``name`` or ``name:version``; empty:
-        the first model by name that serves the endpoint). ModelNotFound or WrongTask."""
+    def model_for(self, endpoint: Endpoint, ref: str | None) -> ServedModel:
+        """The model a request to ``endpoint`` names (``name`` or ``name:version``; empty: the
+        first model by name that serves the endpoint). ModelNotFound or WrongTask."""
         models = self.models  # one snapshot: a reload swaps the dict, it never edits it in place
         if not ref:
-            candidates = sorted(n for n, vs in models.items() if task.serves(vs[_highest(vs)].model.contract))
+            candidates = sorted(n for n, vs in models.items() if endpoint.serves(vs[_highest(vs)].model.contract))
             if not candidates:
-                raise ModelNotFound(f"no model that serves /{task.endpoint} is loaded")
+                raise ModelNotFound(f"no model that serves /{endpoint.name} is loaded")
             ref = candidates[0]
         name, _, version = ref.partition(":")
         served = self.lookup(name, version or None, models)
         c = served.model.contract
-        if c.task != task.name:
-            raise WrongTask(f"model {served.ref} is a {c.task} model, not {task.name}; use /{TASKS[c.task].endpoint}")
-        if not task.serves(c):
-            raise WrongTask(f"model {served.ref} has no {', '.join(task.requires)} output, so it cannot serve "
-                            f"/{task.endpoint} (export it with --{task.requires[0]})")
+        if c.task != endpoint.task.name:
+            raise WrongTask(f"model {served.ref} is a {c.task} model, not {endpoint.task.name}; "
+                            f"use /{TASK_ENDPOINTS[c.task].name}")
+        if not endpoint.serves(c):
+            raise WrongTask(f"model {served.ref} has no {', '.join(endpoint.requires)} output, so it cannot serve "
+                            f"/{endpoint.name} (export it with --{endpoint.requires[0]})")
         return served
 
     def lookup(self, name: str, version: str | None = None,
@@ -221,7 +256,8 @@ class ModelRepository:
         versions = models[name]
         version = version or _highest(versions)
         if version not in versions:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {sorted(versions, key=version_key)}")
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: "
+                                f"{sorted(versions, key=version_key)}")
         return versions[version]
 
     def describe(self) -> list[dict[str, Any]]:
@@ -249,7 +285,7 @@ class ModelRepository:
             entries, problems = await loop.run_in_executor(None, scan, self.settings.model_root)
         except RepositoryError as exc:
             log.error("model repository not reloaded: %s", exc)
-            report.refused[str(self.settings.model_root)] = str(exc)
+            report.refused["."] = "the model repository (CONVSERVE_MODEL_ROOT) does not exist or is not a directory"
             return report
         on_disk = {(e.name, e.version): e for e in entries}
         current = self.models
@@ -259,17 +295,17 @@ class ModelRepository:
             loaded = current.get(name, {}).get(version)
             if loaded is not None and loaded.file == ident:
                 continue
-            key = str(entry.path)
+            key = self._relative(entry.path)
             if key in self.errors and self.errors[key][1] == ident:
                 continue  # refused before, unchanged since
             try:
                 served = await loop.run_in_executor(None, self._load_and_warm, entry, ident)
             except Exception as exc:
-                message = str(exc) if isinstance(exc, RepositoryError) else f"{entry.path}: {exc}"
-                log.error("refused %s: %s; %s", entry.ref, message,
+                detail = str(exc) if isinstance(exc, Refused) else f"{entry.path}: {exc}"
+                log.error("refused %s: %s; %s", entry.ref, detail,
                           "the loaded version keeps serving" if loaded else "it is not served")
-                self.errors[key] = (message, ident)
-                report.refused[key] = message
+                self.errors[key] = (reason_for(exc), ident)
+                report.refused[key] = reason_for(exc)
                 continue
             self.errors.pop(key, None)
             models.setdefault(name, {})[version] = served
@@ -283,13 +319,20 @@ class ModelRepository:
                     log.info("removed %s:%s: no longer in the repository (requests holding it finish)", name, version)
             if not models[name]:
                 del models[name]
-        gone = [p for p in self.errors if not Path(p).is_file()]
+        gone = [p for p in self.errors if not (self.settings.model_root / p).is_file()]
         for path in gone:
             del self.errors[path]
         for path, problem in problems:
-            self.errors.setdefault(str(path), (f"{path}: {problem}", None))
+            self.errors.setdefault(self._relative(path), (problem, None))
         self.models = models  # one assignment: a request sees the old set or the new one
         return report
+
+    def _relative(self, path: Path) -> str:
+        """``path`` as clients see it: relative to the model root ("name/version/model.onnx")."""
+        try:
+            return path.relative_to(self.settings.model_root).as_posix()
+        except ValueError:  # not under the root (cannot happen for scanned files): never show it whole
+            return path.name
 
     def _load_and_warm(self, entry: ModelEntry, ident: FileId | None) -> ServedModel:
         served = self._load(entry, ident)
@@ -306,7 +349,8 @@ class ModelRepository:
                 log.exception("reloading the model repository failed")
 
     def refused(self) -> list[dict[str, Any]]:
-        """The files a reload refused (or version folders without a model), with why."""
+        """The files a reload refused (or version folders without a model), with why: paths
+        relative to the model root, reasons in convserve's words (:class:`Refused`)."""
         return [{"path": path, "error": why} for path, (why, _) in self.errors.items()]
 
 

@@ -22,7 +22,8 @@ import os
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from service.batching import BatchResult
@@ -102,11 +103,83 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# What must not reach a log line as it is: C0 controls (LF and CR end a line, ESC steers a
+# terminal), DEL, C1 controls (U+0085 ends a line too) and the Unicode line and paragraph
+# separators. Together they are every character str.splitlines breaks at, plus the rest of
+# the controls. A client puts them in a request path as %0A, %0D, %C2%85, %E2%80%A8, ...
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_PLAIN = logging.Formatter()
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    c = match.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with each character of _UNSAFE written as an escape (``\\n``, ``\\r``,
+    ``\\t``, ``\\xNN``, ``\\uNNNN``): it stays on one line, and shows what was sent.
+    Backslashes are left alone, so escaping twice changes nothing."""
+    return _UNSAFE.sub(_escape_one, text)
+
+
+def _continuation(text: str) -> str:
+    """A traceback or stack for the lines after a record's message: its lines kept, each
+    escaped and indented, so none can pass for a record of its own (an exception's message
+    may quote a request path)."""
+    return "\n".join("  " + escape_controls(line) for line in text.split("\n"))
+
+
+class OneLineFilter(logging.Filter):
+    """Makes a record safe to write whatever a client sent: its message escaped
+    (:func:`escape_controls`) and formatted once (``msg``, ``args`` None), its traceback and
+    stack indented (:func:`_continuation`). On every handler (:func:`protect_log_handlers`),
+    for text and JSON alike: the JSON formatter escapes line breaks by itself, but the message
+    reads the same in both. Idempotent: a record passed through one handler is marked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_convserve_one_line", False):
+            return True
+        if not isinstance(record.msg, dict):  # python-json-logger merges a dict into the JSON object
+            try:
+                record.msg, record.args = escape_controls(record.getMessage()), None
+            except Exception:  # bad arguments: the formatter reports it (handleError), not the caller
+                return True
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _PLAIN.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = _continuation(record.exc_text)
+        if record.stack_info:
+            record.stack_info = _continuation(record.stack_info)
+        record._convserve_one_line = True  # "_": python-json-logger writes no such attribute out
+        return True
+
+
+_ONE_LINE = OneLineFilter()
+
+
+def protect_log_handlers() -> None:
+    """Put :class:`OneLineFilter` on every handler configured in this process: the root
+    logger's and every named logger's (BentoML's ``bentoml`` handler, which ``bentoml.access``
+    writes through; ``uvicorn.error``; ``circus``; convserve's). A worker's logging is
+    configured by BentoML before the service is built, so calling this from there covers it."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            handler.addFilter(_ONE_LINE)  # once: addFilter skips a filter already there
+
+
 def log_handler() -> logging.Handler:
     """A stderr handler: JSON lines with CONVSERVE_LOG_FORMAT=json, text otherwise; both
-    carry the request id."""
+    carry the request id, and neither lets a client's text start a line
+    (:class:`OneLineFilter`). Also protects the process's other handlers
+    (:func:`protect_log_handlers`): the service calls this once, when it is built."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(_ONE_LINE)
+    protect_log_handlers()
     if os.environ.get("CONVSERVE_LOG_FORMAT", "").lower() == "json":
         from pythonjsonlogger.json import JsonFormatter
 
@@ -124,12 +197,13 @@ _tracer: Any = None
 
 def _get_tracer() -> Any:
     """A tracer of BentoML's tracer provider (the one its exporter is attached to; BentoML
-    does not make it OpenTelemetry's global provider)."""
+    does not make it OpenTelemetry's global provider): a private API, guarded with the
+    other workarounds (``tracer-provider`` in service.bentoml_patches)."""
     global _tracer
     if _tracer is None:
-        from bentoml._internal.configuration.containers import BentoMLContainer
+        from service.bentoml_patches import tracer_provider
 
-        _tracer = BentoMLContainer.tracer_provider.get().get_tracer("convserve")
+        _tracer = tracer_provider().get_tracer("convserve")
     return _tracer
 
 
@@ -153,7 +227,7 @@ def interval(name: str, start: float, end: float, **attributes: Any) -> None:
     s.end(end_time=offset + int(max(end, start) * 1e9))
 
 
-def batch_spans(batched: list["BatchResult"], submitted: float, done: float) -> None:
+def batch_spans(batched: list[BatchResult], submitted: float, done: float) -> None:
     """``queue`` and ``inference`` spans for a request's images, from the batcher's stamps
     (perf_counter seconds): queued at ``submitted``, run from the first batch's start to ``done``."""
     if not _ENABLED or not batched:

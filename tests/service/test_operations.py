@@ -12,15 +12,17 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import pytest
 
-from tests.conftest import free_port, start_server, stop_server
-from tests.service.helpers import get, jpeg, multipart_body, post, request, scene
+from tests.support.http import MULTIPART, get, multipart_body, post, request
+from tests.support.images import jpeg, scene
+from tests.support.servers import free_port, start_server, stop_server
 
 KEY, OTHER_KEY, ADMIN = "k-" + "a" * 30, "k-" + "b" * 30, "admin-" + "c" * 30
 
@@ -84,7 +86,7 @@ def test_versions_come_and_go_without_a_restart(live_repo, tmp_path) -> None:
         _publish(live_repo, "tiny-cls", "3", b"this is not an onnx file")
         broken = str(live_repo / "tiny-cls" / "3" / "model.onnx")
         errors = _wait(lambda: _models(srv.url)["errors"], what="the broken version reported")
-        assert errors[0]["path"] == broken and "invalid model" in errors[0]["error"]
+        assert errors[0]["path"] == "tiny-cls/3/model.onnx" and "invalid model" in errors[0]["error"]
         assert "3" not in _versions(srv.url, "tiny-cls")
         assert post(srv.url + "/classify", image, {"model": "tiny-cls"})[2]["model"]["version"] == "2"
         assert broken in srv.log_text() and "refused tiny-cls:3" in srv.log_text()
@@ -233,9 +235,9 @@ def test_json_logs_and_spans_follow_one_request(tiny_repo, tmp_path) -> None:
         trace = uuid.uuid4().hex
         for k in range(2):  # one lone request (decoded and run in one thread), then two images (the queue)
             images = [("image", f"{i}.jpg", jpeg(scene(620 + i).image)) for i in range(k + 1)]
-            status, headers, _ = request(srv.url, "POST", "/classify", multipart_body(images + [("model", None, b"tiny-cls")]),
-                                         {"Content-Type": "multipart/form-data; boundary=testboundary",
-                                          "traceparent": f"00-{trace}-00f067aa0ba902b{k}-01"})
+            body = multipart_body(images + [("model", None, b"tiny-cls")])
+            status, headers, _ = request(srv.url, "POST", "/classify", body,
+                                         {**MULTIPART, "traceparent": f"00-{trace}-00f067aa0ba902b{k}-01"})
             assert status == 200 and headers["x-request-id"] == trace
 
         def spans() -> list[str]:
@@ -282,7 +284,8 @@ def test_sigterm_drains_then_exits(tiny_repo, tmp_path) -> None:
         _wait(lambda: request(srv.url, "GET", "/readyz", timeout=5)[0] == 503, timeout=5, what="not ready")
         assert request(srv.url, "GET", "/v2/health/ready", timeout=5)[0] == 503
         status, headers, refused = _classify(srv.url, {})
-        assert status == 503 and refused["error"]["type"] == "overloaded" and "shutting down" in refused["error"]["message"]
+        assert status == 503 and refused["error"]["type"] == "overloaded"
+        assert "shutting down" in refused["error"]["message"]
         assert srv.proc.poll() is None  # still waiting for the accepted request
         accepted.sendall(body[100:])
         answer = b""

@@ -7,7 +7,7 @@ import re
 import urllib.request
 
 from core import __version__
-from tests.service.helpers import get
+from tests.support.http import get
 
 
 def _text(url: str) -> tuple[int, str, str]:
@@ -42,3 +42,23 @@ def test_the_playground_is_served_by_the_service(server) -> None:
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
     status, ctype, js = _text(server.url + "/playground/playground.js")
     assert status == 200 and "javascript" in ctype and "fetch(" in js and "http://" not in js and "https://" not in js
+
+
+def _headers(url: str) -> dict[str, str]:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return {k.lower(): v for k, v in r.headers.items()}
+
+
+def test_the_pages_carry_security_headers(server) -> None:
+    """No sniffing, no framing, no Referer, and a CSP that allows only the service's own files
+    and the API page's inline script and style by hash (tests/service/test_playground.py shows
+    both pages still work under it, in Chromium)."""
+    for path in ("/", "/docs.json", "/playground/", "/playground/playground.js", "/static_content/swagger-ui.css"):
+        h = _headers(server.url + path)
+        assert h["x-content-type-options"] == "nosniff" and h["x-frame-options"] == "DENY", path
+        assert h["referrer-policy"] == "no-referrer", path
+        csp = dict(d.strip().split(" ", 1) for d in h["content-security-policy"].split(";"))
+        assert csp["default-src"] == "'none'" and csp["frame-ancestors"] == "'none'", path
+        assert ("'unsafe-inline'" not in h["content-security-policy"]
+                and "'unsafe-eval'" not in h["content-security-policy"])
+        assert csp["script-src"].startswith("'self' 'sha256-") and csp["connect-src"] == "'self'", path

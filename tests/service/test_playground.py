@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import io
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from service.render import colour
-from tests.service.helpers import jpeg, post, scene
+from tests.support.http import post
+from tests.support.images import jpeg, scene
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: apt-get install chromium")
@@ -25,27 +26,55 @@ ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+# Records every Content-Security-Policy violation of a page (the pages are served with a CSP,
+# service/pages.py): the browser fires this event for each thing the policy blocks.
+CSP_PROBE = """document.addEventListener("securitypolicyviolation", (e) => {
+  (window.cspViolations = window.cspViolations || []).push(`${e.violatedDirective} ${e.blockedURI}`);
+});"""
+
+
 @pytest.fixture(scope="module")
-def page(server, tmp_path_factory) -> Iterator:
+def browser() -> Iterator:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        context = browser.new_context(viewport={"width": 1200, "height": 900})
-        requests: list[str] = []
-        context.on("request", lambda r: requests.append(r.url))
-        pg = context.new_page()
-        pg.goto(server.url + "/playground/")
-        pg.wait_for_function("document.body.dataset.models > 0")
-        yield pg
-        assert all(u.startswith(server.url) or u.startswith("data:") or u.startswith("blob:") for u in requests), requests
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def csp_messages() -> list[str]:
+    """The console's CSP messages ("Refused to ... Content Security Policy") of the playground page."""
+    return []
+
+
+def _watched_page(browser, requests: list[str], csp_messages: list[str]):
+    """A new page that records the URLs it asks for and the CSP violations it meets."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    context.on("request", lambda r: requests.append(r.url))
+    context.add_init_script(CSP_PROBE)
+    pg = context.new_page()
+    pg.on("console", lambda m: "Content Security Policy" in m.text and csp_messages.append(m.text))
+    return pg
+
+
+@pytest.fixture(scope="module")
+def page(server, browser, csp_messages) -> Iterator:
+    requests: list[str] = []
+    pg = _watched_page(browser, requests, csp_messages)
+    pg.goto(server.url + "/playground/")
+    # a function: a bare expression is eval'ed, which the CSP refuses
+    pg.wait_for_function("() => document.body.dataset.models > 0")
+    yield pg
+    assert all(u.startswith(server.url) or u.startswith("data:") or u.startswith("blob:") for u in requests), requests
+    pg.context.close()
 
 
 def _upload(page, path: Path) -> None:
     page.evaluate("document.body.dataset.state = ''")
     page.set_input_files("#file", str(path))
-    page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)", timeout=30000)
+    page.wait_for_function("() => ['done', 'error'].includes(document.body.dataset.state)", timeout=30000)
 
 
 def _canvas(page) -> np.ndarray:
@@ -115,3 +144,35 @@ def test_a_bad_file_shows_the_services_message(page, tmp_path) -> None:
     _upload(page, good)
     assert page.text_content("#status").startswith("Done:")
     page.screenshot(path=str(tmp_path / "playground.png"))
+
+
+def test_the_playground_works_under_its_content_security_policy(page, csp_messages, tmp_path) -> None:
+    """A classification with class activation maps (data: PNGs, styled bars) after the tests
+    above (boxes, masks and their legend): the policy blocked nothing."""
+    path = tmp_path / "cam.jpg"
+    path.write_bytes(jpeg(scene(504, 200, 160, shapes=1).image))
+    page.select_option("#model", "shapes-classifier:1")
+    page.check("#cam")
+    _upload(page, path)
+    assert page.text_content("#status").startswith("Done:")
+    assert page.evaluate("window.lastAnswer.labels[0].heatmap_png")
+    assert page.locator("#labels li .bar").first.evaluate("e => e.style.width").endswith("px")
+    assert page.evaluate("window.cspViolations || []") == [] and csp_messages == []
+
+
+def test_the_api_page_works_under_its_content_security_policy(server, browser) -> None:
+    """The API page (Swagger UI, its inline script and style allowed by hash) renders every
+    route, and the policy blocked nothing."""
+    requests: list[str] = []
+    messages: list[str] = []
+    pg = _watched_page(browser, requests, messages)
+    try:
+        response = pg.goto(server.url + "/")
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        pg.wait_for_selector(".opblock-summary-path[data-path='/classify']", timeout=30000)
+        pg.locator(".opblock-summary-path[data-path='/models']").first.click()  # expand one route
+        pg.wait_for_selector(".opblock.is-open", timeout=10000)
+        assert pg.evaluate("window.cspViolations || []") == [] and messages == []
+        assert all(u.startswith(server.url) or u.startswith("data:") for u in requests), requests
+    finally:
+        pg.context.close()

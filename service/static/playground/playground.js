@@ -171,15 +171,18 @@ async function draw(model, body, bitmap) {
     ctx.putImageData(image, 0, 0);
     for (const c of body.classes) {
       const item = document.createElement("span");
-      item.innerHTML = `<i style="background:${colour(c.label_id)}"></i>`;
+      const swatch = item.appendChild(document.createElement("i"));
+      swatch.style.background = colour(c.label_id);  // styles set from script: the CSP allows no style="" markup
       item.appendChild(document.createTextNode(`${c.label} (${c.area} px)`));
       $("legend").appendChild(item);
     }
   } else {
     body.labels.forEach((l, k) => {
       const li = document.createElement("li");
-      li.innerHTML = `<span></span><span class="bar" style="width:${Math.round(l.score * 200)}px"></span>`;
-      li.firstChild.textContent = `${l.label} ${l.score.toFixed(4)}`;
+      li.appendChild(document.createElement("span")).textContent = `${l.label} ${l.score.toFixed(4)}`;
+      const bar = li.appendChild(document.createElement("span"));
+      bar.className = "bar";
+      bar.style.width = `${Math.round(l.score * 200)}px`;
       if (l.heatmap_png) {
         li.className = "has-cam" + (k === 0 ? " selected" : "");
         li.onclick = async () => {
