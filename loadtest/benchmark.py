@@ -10,7 +10,8 @@ Usage (see README "Benchmark")::
 For each model: (a) the ceiling: the service's own decode (core.imaging.load_input) in
 CONVSERVE_DECODE_THREADS threads feeding CONVSERVE_INFERENCE_THREADS concurrent ONNX Runtime
 runs that batch what is queued (up to the service's batch limit) and compute each answer
-(the task's result), in process, no HTTP, the same threads; and ORT alone on prepared inputs. (b) the service and (c) the naive baseline (loadtest/naive_server.py: FastAPI + ORT,
+(the task's result), in process, no HTTP, the same threads; and ORT alone on prepared inputs.
+(b) the service and (c) the naive baseline (loadtest/naive_server.py: FastAPI + ORT,
 one image per call), each loaded by wrk (loadtest/wrk.py) at every concurrency with
 640x480 JPEG uploads: req/s, p50/p90/p99/max, non-2xx and socket errors, the peak RSS of
 the server's whole process tree, and each worker's CPU seconds. ``--overload N`` instead
@@ -44,6 +45,7 @@ from core.runtime import OnnxModel
 from core.tasks import TASKS
 from loadtest import wrk
 from loadtest.processes import ServerProcess, TreeMemory, tree_rss
+from service.endpoints import TASK_ENDPOINTS
 from service.settings import Settings
 from training.synthetic import render_scene
 
@@ -71,7 +73,7 @@ def ceiling(model: OnnxModel, images: list[bytes], settings: Settings, seconds: 
     wanted = settings.max_batch_for(model.providers)
     bs = min(wanted, model.contract.batch.max_size or wanted)
     task = TASKS[model.contract.task]
-    options = {o.name: o.default for o in task.options}
+    options = task.defaults
 
     def prep(data: bytes) -> tuple[np.ndarray, Any]:
         _, arr, geometry = load_input(data, model.contract.input, max_bytes=settings.max_bytes,
@@ -229,8 +231,8 @@ def _fmt(r: dict[str, Any] | None) -> str:
     if not r:
         return "- | - | - | -"
     err = r["non_2xx"] + r["socket_errors"]
-    return f"{r['req_s']:.1f} | {r['p50_ms']:.1f} / {r['p90_ms']:.1f} / {r['p99_ms']:.1f} / {r['max_ms']:.0f} | {err} | " \
-           f"{r.get('rss_peak_mb', '-')}"
+    return f"{r['req_s']:.1f} | {r['p50_ms']:.1f} / {r['p90_ms']:.1f} / {r['p99_ms']:.1f} / {r['max_ms']:.0f} | " \
+           f"{err} | {r.get('rss_peak_mb', '-')}"
 
 
 def report(name: str, ceil: dict[str, float], rows: list[dict[str, Any]], naive: list[dict[str, Any]]) -> None:
@@ -250,7 +252,8 @@ def _start_service(root: Path, env: list[str]) -> ServerProcess:
     import tempfile
 
     extra = dict(kv.split("=", 1) for kv in env)
-    return ServerProcess(["-m", "bentoml", "serve", "service.service:ConvServe", "--host", "127.0.0.1", "--port", "{port}"],
+    return ServerProcess(["-m", "bentoml", "serve", "service.service:ConvServe", "--host", "127.0.0.1",
+                          "--port", "{port}"],
                          {"CONVSERVE_MODEL_ROOT": str(root), "BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-"),
                           "BENTOML_DO_NOT_TRACK": "true", **extra}, "/readyz")
 
@@ -273,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overload-factor", type=float, help="instead of --overload: as many connections as offer this "
                    "many times the rate sustained at 16 clients (a refused request holds its connection for up to "
                    "--admission-wait-s)")
-    p.add_argument("--admission-wait-s", type=float, default=1.0, help="the server's CONVSERVE_ADMISSION_WAIT_MS / 1000")
+    p.add_argument("--admission-wait-s", type=float, default=1.0,
+                   help="the server's CONVSERVE_ADMISSION_WAIT_MS / 1000")
     p.add_argument("--image-size", default="640x480")
     p.add_argument("--json-out", type=Path)
     a = p.parse_args(argv)
@@ -312,9 +316,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def bench_model(entry: ModelEntry, images: list[bytes], settings: Settings, url: str, pid: int | None,
-                naive_url: str | None, naive_pid: int | None, levels: list[int], a: argparse.Namespace) -> dict[str, Any]:
+                naive_url: str | None, naive_pid: int | None, levels: list[int], a: argparse.Namespace
+                ) -> dict[str, Any]:
     model = OnnxModel.load(entry.path, entry.name, entry.version, settings.device, settings.ort_threads)
-    endpoint = TASKS[model.contract.task].endpoint
+    endpoint = TASK_ENDPOINTS[model.contract.task].name
     fields = {"model": entry.ref}
     bodies = wrk.write_bodies(images, fields)
     target, naive_target = f"{url}/{endpoint}", f"{naive_url}/{endpoint}" if naive_url else None
@@ -328,9 +333,10 @@ def bench_model(entry: ModelEntry, images: list[bytes], settings: Settings, url:
         print(f"\n### {entry.ref} under {connections} connections for {a.seconds:.0f} s: answered {row['req_s']:.1f} "
               f"req/s = {offered:.1f}x the {sustained['ok_s']:.1f} sustained at 16 clients; goodput {row['ok_s']:.1f} "
               f"req/s ({row['ok_s'] / sustained['ok_s']:.2f} of sustained); status {row['status']}, "
-              f"{row['503_without_retry_after']} 503 without Retry-After, {row['socket_errors']} socket errors; admitted "
-              f"probe p50/p99/max {row['probe']['p50_ms']:.0f}/{row['probe']['p99_ms']:.0f}/{row['probe']['max_ms']:.0f} "
-              f"ms over {row['probe']['admitted']} requests; RSS {row['rss_before_mb']} -> peak {row.get('rss_peak_mb')} MB")
+              f"{row['503_without_retry_after']} 503 without Retry-After, {row['socket_errors']} socket errors; "
+              f"admitted probe p50/p99/max {row['probe']['p50_ms']:.0f}/{row['probe']['p99_ms']:.0f}/"
+              f"{row['probe']['max_ms']:.0f} ms over {row['probe']['admitted']} requests; RSS {row['rss_before_mb']} "
+              f"-> peak {row.get('rss_peak_mb')} MB")
         return {"model": entry.ref, "endpoint": endpoint, "sustained": sustained, "overload": row,
                 "connections": connections, "offered_vs_sustained": round(offered, 2)}
     ceil = ceiling(model, images, settings, a.ceiling_seconds)

@@ -37,7 +37,7 @@ def build_app(model_root: Path, threads: int) -> FastAPI:
         img = Image.open(io.BytesIO(data)).convert("RGB")
         arr, geo = resize_to_input(img, m.contract.input)
         out = m.infer(arr[None])[0]
-        return task.result(out, geo, m.contract, {o.name: o.default for o in task.options})
+        return task.result(out, geo, m.contract, task.defaults)
 
     @app.post("/classify")
     def classify(image: UploadFile = File(...), model: str = Form("")) -> dict:

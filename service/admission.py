@@ -16,7 +16,7 @@ Why a short line rather than refusing the moment the slots are full: clients tha
 once (load generators, impatient proxies) turn instant refusals into a storm that keeps the
 event loop, and the GIL it holds, busy with refusing while admitted requests starve. Waiting
 requests cost nothing until they are served, so goodput stays at the sustainable rate while
-an admitted request's latency stays bounded by max_queue / throughput + the wait.
+an admitted request's latency stays bounded by max_requests (CONVSERVE_MAX_QUEUE) / throughput + the wait.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Admission:
             if not slot.done():
                 slot.set_result(False)
 
-    async def admit(self, content_length: int | None) -> "Ticket":
+    async def admit(self, content_length: int | None) -> Ticket:
         """A ticket for one request once a slot is free, or Overloaded (503) without touching its body."""
         if self.closed:
             raise Overloaded(SHUTTING_DOWN, headers=RETRY)

@@ -59,7 +59,7 @@ class Balancer:
         return False
 
     @classmethod
-    def from_env(cls, index: int, workers: int) -> "Balancer | None":
+    def from_env(cls, index: int, workers: int) -> Balancer | None:
         """The balancer of worker ``index`` (0-based), or None with one worker or no shared file."""
         path = os.environ.get(ENV)
         if workers < 2 or not path or not Path(path).is_file():

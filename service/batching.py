@@ -4,7 +4,8 @@ Requests put one preprocessed image each into the model's queue and await a futu
 loop per model takes what is queued (up to ``max_batch``, shared evenly among the runs that
 are free), runs it on the inference executor, and resolves the futures; up to
 ``concurrency`` batches run at once (Triton's instance count: on a CPU, two single-threaded
-runs use two cores with less overhead than one run on two threads). While the runs are busy, new requests accumulate, so batches grow
+runs use two cores with less overhead than one run on two threads).
+While the runs are busy, new requests accumulate, so batches grow
 with load by themselves; an idle request waits ``max_wait_ms`` for company (default 0: like
 Triton, only what is already queued is batched). Nothing predicts latency and cancels: the
 only refusal is a full queue, answered at once with 503 + Retry-After.
@@ -23,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -58,10 +59,10 @@ class DynamicBatcher:
     """Collects single images into batches for ``run_batch``."""
 
     def __init__(self, run_batch: RunBatch, executor: Executor, max_batch: int, max_wait_ms: float,
-                 max_queue: int, on_batch: OnBatch | None = None, concurrency: int = 1) -> None:
+                 max_pending_images: int, on_batch: OnBatch | None = None, concurrency: int = 1) -> None:
         self.run_batch, self.executor = run_batch, executor
         self.max_batch, self.max_wait = max(1, max_batch), max_wait_ms / 1000.0
-        self.max_queue, self.concurrency = max_queue, max(1, concurrency)
+        self.max_pending_images, self.concurrency = max_pending_images, max(1, concurrency)
         self.on_batch = on_batch
         self._pending: list[_Item] = []
         self._running = 0
@@ -75,8 +76,8 @@ class DynamicBatcher:
 
     async def submit(self, image: np.ndarray) -> BatchResult:
         """Queue one [H, W, 3] image; returns that image's outputs."""
-        if len(self._pending) >= self.max_queue:
-            raise Overloaded(f"the model's queue is full ({self.max_queue} images waiting); retry shortly",
+        if len(self._pending) >= self.max_pending_images:
+            raise Overloaded(f"the model's queue is full ({self.max_pending_images} images waiting); retry shortly",
                              headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():

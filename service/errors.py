@@ -100,19 +100,21 @@ class ErrorEnvelopeMiddleware:
 
     convserve's own routes answer in that shape already; BentoML answers its own failures as
     ``{"error": "..."}`` and Starlette answers unknown routes and methods in plain text. This
-    rewrites any >= 400 response whose body is not already ``{"error": {"type", "message"}}``.
+    rewrites any >= 400 response whose body is not already ``{"error": {"type", "message"}}``;
+    under ``v2_prefixes`` the shape is the v2 protocol's ``{"error": "..."}`` instead (unknown
+    v2 paths and wrong methods included).
     """
 
-    def __init__(self, app: Any, skip_posts_to: tuple[str, ...] = (), skip_prefixes: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: Any, skip_posts_to: tuple[str, ...] = (), v2_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
         self.skip_posts_to = frozenset(skip_posts_to)  # routes whose POSTs answer in the envelope themselves
-        self.skip_prefixes = skip_prefixes  # routes with an error shape of their own (the v2 protocol's)
+        self.v2_prefixes = v2_prefixes  # routes with the v2 protocol's error shape
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or (scope["method"] == "POST" and scope["path"] in self.skip_posts_to) \
-                or scope["path"].startswith(self.skip_prefixes):
+        if scope["type"] != "http" or (scope["method"] == "POST" and scope["path"] in self.skip_posts_to):
             await self.app(scope, receive, send)
             return
+        v2 = bool(self.v2_prefixes) and (scope["path"] + "/").startswith(tuple(p + "/" for p in self.v2_prefixes))
         start: dict | None = None
         chunks: list[bytes] = []
 
@@ -125,20 +127,22 @@ class ErrorEnvelopeMiddleware:
                 chunks.append(message.get("body", b""))
                 if message.get("more_body"):
                     return
-                await _send_rewritten(send, start, b"".join(chunks))
+                await _send_rewritten(send, start, b"".join(chunks), v2)
                 return
             await send(message)
 
         await self.app(scope, receive, wrapped_send)
 
 
-async def _send_rewritten(send: Any, start: dict, body: bytes) -> None:
+async def _send_rewritten(send: Any, start: dict, body: bytes, v2: bool) -> None:
     status = start["status"]
     try:
         doc = json.loads(body) if body else None
     except ValueError:
         doc = None
-    if isinstance(doc, dict) and isinstance(doc.get("error"), dict) and "type" in doc["error"]:
+    if v2 and isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        new_body = body
+    elif not v2 and isinstance(doc, dict) and isinstance(doc.get("error"), dict) and "type" in doc["error"]:
         new_body = body
     else:
         if isinstance(doc, dict) and "error" in doc:
@@ -153,6 +157,6 @@ async def _send_rewritten(send: Any, start: dict, body: bytes) -> None:
         type_ = "invalid_parameter" if status == 400 and detail is not None else _TYPE_BY_STATUS.get(status, "error")
         if status == 400 and detail is not None:
             status = 422
-        new_body = error_json(type_, message, detail=detail)
+        new_body = error_json(type_, message, v2=v2, detail=detail)
     headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
     await send_response(send, status, new_body, b"application/json", headers)

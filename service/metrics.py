@@ -47,7 +47,7 @@ ERRORS = bentoml.metrics.Counter(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _child(metric: object, *labels: str) -> Any:
     """A labelled child, looked up once (``.labels()`` takes a lock and builds a key each time)."""
     return metric.labels(*labels)  # type: ignore[attr-defined]

@@ -8,30 +8,34 @@ batchers; a one-image request that finds its model idle is decoded and run in on
 thread instead, with no queue (DynamicBatcher.claim_idle_run).
 
 :meth:`Pipeline.run` (encoded images) and :meth:`Pipeline.run_arrays` (model-ready uint8
-tensors, from the v2 protocol) give the raw outputs of each image with its geometry; the
-task endpoints (:meth:`Pipeline.answer`), annotated images (:meth:`Pipeline.render`) and
-the v2 protocol (service.v2) format those. :func:`preprocess` is the service's whole image
-preparation: core.imaging.load_input under the service's limits, the same function the
-training loaders call.
+tensors, from the v2 protocol) give the raw outputs of each image with its geometry (an
+:class:`Inferred`); the endpoints (:meth:`Pipeline.answer`), annotated images
+(:meth:`Pipeline.render`) and the v2 protocol (service.v2) format those. :func:`preprocess`
+is the service's whole image preparation: core.imaging.load_input under the service's
+limits, the same function the training loaders call; an annotated image is decoded once, at
+full size, and drawn on (:func:`preprocess_full`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from core.contract import ModelContract
 from core.errors import ImageTooLarge, InvalidImage, InvalidOption
-from core.geometry import Geometry
+from core.geometry import Geometry, resize_to_input
 from core.imaging import DecodedImage, load_image, load_input
-from core.tasks import Outputs, Task
+from core.tasks import Outputs
 from service import metrics, render, tracing
 from service.batching import BatchResult
+from service.endpoints import Endpoint
 from service.repository import ModelRepository, ServedModel
 from service.settings import Settings
 from service.uploads import Upload
@@ -46,10 +50,14 @@ class Prepared:
     info: ImageInfo
     array: np.ndarray
     geometry: Geometry
+    image: Image.Image | None = None  # the decoded image, kept only to draw on (preprocess_full)
+
+
+Prepare = Callable[[bytes, ModelContract, Settings], Prepared]
 
 
 @dataclass
-class Ran:
+class Inferred:
     """A request's images after inference: per image its preparation and outputs."""
 
     served: ServedModel
@@ -66,8 +74,18 @@ def preprocess(data: bytes, contract: ModelContract, settings: Settings) -> Prep
     Only the model input and the upload's size travel on: the decoded image is dropped here,
     so the pixels a worker holds are those of the decodes in progress."""
     decoded, arr, geometry = load_input(data, contract.input, max_bytes=settings.max_bytes,
-                                        max_pixels=settings.max_pixels)
+                                        max_pixels=settings.max_pixels, max_decoded_bytes=settings.max_decoded_bytes)
     return Prepared(_info(decoded), arr, geometry)
+
+
+def preprocess_full(data: bytes, contract: ModelContract, settings: Settings) -> Prepared:
+    """:func:`preprocess` for an annotated image: one full-size decode (no JPEG draft) that is
+    both resized for the model and kept to draw on (reduced to service.render.MAX_PIXELS)."""
+    decoded = load_image(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels,
+                         max_decoded_bytes=settings.max_decoded_bytes)
+    model_view = decoded.image.convert("L") if contract.input.channels == 1 else decoded.image
+    arr, geometry = resize_to_input(model_view, contract.input, orig_size=(decoded.width, decoded.height))
+    return Prepared(_info(decoded), arr, geometry, render.canvas(decoded.image))
 
 
 def _info(decoded: DecodedImage) -> ImageInfo:
@@ -83,31 +101,31 @@ class Pipeline:
 
     # --- decode and infer ---------------------------------------------------------------
 
-    async def run(self, served: ServedModel, images: list[bytes]) -> Ran:
-        """Decode ``images`` for ``served``'s model and run them through its batcher."""
+    async def run(self, served: ServedModel, images: list[bytes], prepare: Prepare = preprocess) -> Inferred:
+        """Decode ``images`` for ``served``'s model (with ``prepare``) and run them through its batcher."""
         t0 = time.perf_counter()
         c = served.model.contract
         loop = asyncio.get_running_loop()
         if len(images) == 1 and served.batcher.claim_idle_run():
             # Low load: the model is idle, so decode and run it in one thread, with no queue.
-            ran: float | None = None
+            ort_seconds: float | None = None
             try:
-                prepared, batched, t1, ran = await loop.run_in_executor(
-                    self.pool, _decode_and_run, images[0], served, self.settings)
+                prepared, batched, t1, ort_seconds = await loop.run_in_executor(
+                    self.pool, _decode_and_run, images[0], served, self.settings, prepare)
             finally:
-                served.batcher.release_run(1, ran)
+                served.batcher.release_run(1, ort_seconds)
             tracing.interval("decode", t0, t1, images=1)
         else:
             with tracing.span("decode", images=len(images)):
-                prepared = await _each([loop.run_in_executor(self.pool, preprocess, data, c, self.settings)
+                prepared = await _each([loop.run_in_executor(self.pool, prepare, data, c, self.settings)
                                         for data in images])
             t1 = time.perf_counter()
             batched = await _each([served.batcher.submit(p.array) for p in prepared])
         t2 = time.perf_counter()
         _observe(served, batched, t1, t2)
-        return Ran(served, prepared, [b.outputs for b in batched], max(b.batch_size for b in batched), t0, t1, t2)
+        return Inferred(served, prepared, [b.outputs for b in batched], max(b.batch_size for b in batched), t0, t1, t2)
 
-    async def run_arrays(self, served: ServedModel, arrays: np.ndarray) -> Ran:
+    async def run_arrays(self, served: ServedModel, arrays: np.ndarray) -> Inferred:
         """Run model-ready uint8 [N, H, W, C] images (their geometry is the identity)."""
         t0 = time.perf_counter()
         h, w = arrays.shape[1:3]
@@ -116,40 +134,42 @@ class Pipeline:
         batched = await _each([served.batcher.submit(a) for a in arrays])
         t2 = time.perf_counter()
         _observe(served, batched, t0, t2)
-        return Ran(served, prepared, [b.outputs for b in batched], max(b.batch_size for b in batched), t0, t0, t2)
+        return Inferred(served, prepared, [b.outputs for b in batched], max(b.batch_size for b in batched), t0, t0, t2)
 
-    async def results(self, task: Task, ran: Ran, options: dict[str, Any]) -> list[dict[str, Any]]:
-        """The task's JSON-ready result for every image (off the loop when it is heavy)."""
-        args = (task, ran.outputs, [p.geometry for p in ran.prepared], ran.served.model.contract, options)
+    async def results(self, endpoint: Endpoint, inferred: Inferred, options: dict[str, Any]) -> list[dict[str, Any]]:
+        """The endpoint's JSON-ready result for every image (off the loop when it is heavy)."""
+        args = (endpoint, inferred.outputs, [p.geometry for p in inferred.prepared], inferred.served.model.contract,
+                options)
         with tracing.span("postprocess"):
-            return await self.in_pool(_results, *args) if task.heavy_result(options) else _results(*args)
+            return await self.in_pool(_results, *args) if endpoint.heavy_result(options) else _results(*args)
 
     async def in_pool(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in the decode pool (work that takes milliseconds, off the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    def resolve(self, task: Task, raw_options: dict[str, str]) -> tuple[dict[str, Any], ServedModel]:
+    def options_and_model(self, endpoint: Endpoint, raw_options: dict[str, str]
+                          ) -> tuple[dict[str, Any], ServedModel]:
         """Typed options and the model they name; InvalidOption / ModelNotFound / WrongTask."""
-        options = task.parse_options(raw_options)
-        served = self.repo.resolve(options["model"], task)
-        task.check_request(served.model.contract, options)
+        options = endpoint.parse_options(raw_options)
+        served = self.repo.model_for(endpoint, options["model"])
+        endpoint.check_request(served.model.contract, options)
         return options, served
 
-    # --- the task endpoints ---------------------------------------------------------------
+    # --- the endpoints --------------------------------------------------------------------
 
-    async def answer(self, task: Task, upload: Upload) -> tuple[dict[str, Any], ServedModel]:
-        """The JSON answer of a task endpoint. Raises InvalidOption, ModelNotFound, WrongTask,
+    async def answer(self, endpoint: Endpoint, upload: Upload) -> tuple[dict[str, Any], ServedModel]:
+        """The JSON answer of an endpoint. Raises InvalidOption, ModelNotFound, WrongTask,
         InvalidImage, ImageTooLarge, Overloaded (a full model queue) or, for a failed model,
         anything else."""
-        options, served = self.resolve(task, upload.options)
-        ran = await self.run(served, upload.images)
-        results = await self.results(task, ran, options)
+        options, served = self.options_and_model(endpoint, upload.options)
+        inferred = await self.run(served, upload.images)
+        results = await self.results(endpoint, inferred, options)
         t3 = time.perf_counter()
-        timing = {"decode_ms": round((ran.decoded - ran.started) * 1e3, 3),
-                  "inference_ms": round((ran.inferred - ran.decoded) * 1e3, 3),
-                  "postprocess_ms": round((t3 - ran.inferred) * 1e3, 3),
-                  "total_ms": round((t3 - ran.started) * 1e3, 3), "batch_size": ran.batch_size}
-        images = [p.info for p in ran.prepared]
+        timing = {"decode_ms": round((inferred.decoded - inferred.started) * 1e3, 3),
+                  "inference_ms": round((inferred.inferred - inferred.decoded) * 1e3, 3),
+                  "postprocess_ms": round((t3 - inferred.inferred) * 1e3, 3),
+                  "total_ms": round((t3 - inferred.started) * 1e3, 3), "batch_size": inferred.batch_size}
+        images = [p.info for p in inferred.prepared]
         body: dict[str, Any] = {"model": {"name": served.model.name, "version": served.model.version}}
         if len(results) == 1:
             body.update(image=images[0], timing=timing, **results[0])
@@ -157,18 +177,19 @@ class Pipeline:
             body.update(timing=timing, results=[{"image": im, **r} for im, r in zip(images, results)])
         return body, served
 
-    async def render(self, task: Task, upload: Upload, fmt: str) -> tuple[bytes, ServedModel, float]:
-        """The task's answer drawn on the original image, encoded as ``fmt`` (png or jpeg);
+    async def render(self, endpoint: Endpoint, upload: Upload, fmt: str) -> tuple[bytes, ServedModel, float]:
+        """The endpoint's answer drawn on the original image, encoded as ``fmt`` (png or jpeg);
         returns (encoded image, model, seconds)."""
+        if not endpoint.drawable:
+            raise InvalidOption("render", f"/{endpoint.name} answers JSON only; leave render out")
         if len(upload.images) != 1:
-            raise InvalidOption("render", f"an annotated image answers one image; this request has {len(upload.images)}")
-        options, served = self.resolve(task, upload.options)
-        ran = await self.run(served, upload.images)
-        results = await self.results(task, ran, options)
+            raise InvalidOption("render", f"an annotated image answers one image; this request has "
+                                f"{len(upload.images)}")
+        options, served = self.options_and_model(endpoint, upload.options)
+        inferred = await self.run(served, upload.images, prepare=preprocess_full)
         with tracing.span("render"):
-            data = await self.in_pool(_render, upload.images[0], task, results[0], served.model.contract, fmt,
-                                      self.settings)
-        return data, served, time.perf_counter() - ran.started
+            data = await self.in_pool(_render, inferred, endpoint, options, fmt)
+        return data, served, time.perf_counter() - inferred.started
 
 
 def _observe(served: ServedModel, batched: list[BatchResult], submitted: float, done: float) -> None:
@@ -191,24 +212,26 @@ async def _each(awaitables: list[Any]) -> list[Any]:
     return results
 
 
-def _decode_and_run(data: bytes, served: ServedModel, settings: Settings
+def _decode_and_run(data: bytes, served: ServedModel, settings: Settings, prepare: Prepare
                     ) -> tuple[list[Prepared], list[BatchResult], float, float]:
     """One image, decoded and run in this thread: its preparation, outputs, when the run
     started and the seconds ONNX Runtime took."""
-    prepared = preprocess(data, served.model.contract, settings)
+    prepared = prepare(data, served.model.contract, settings)
     start = time.perf_counter()
     (outputs,) = served.model.infer(prepared.array[None])
-    ran = time.perf_counter() - start
-    return [prepared], [BatchResult(outputs, 1, start, start)], start, ran
+    ort_seconds = time.perf_counter() - start
+    return [prepared], [BatchResult(outputs, 1, start, start)], start, ort_seconds
 
 
-def _results(task: Task, outputs: list[Outputs], geometries: list[Geometry], contract: ModelContract,
+def _results(endpoint: Endpoint, outputs: list[Outputs], geometries: list[Geometry], contract: ModelContract,
              options: dict[str, Any]) -> list[dict[str, Any]]:
-    return [task.result(out, geo, contract, options) for out, geo in zip(outputs, geometries)]
+    return [endpoint.result(out, geo, contract, options) for out, geo in zip(outputs, geometries)]
 
 
-def _render(data: bytes, task: Task, result: dict[str, Any], contract: ModelContract, fmt: str,
-            settings: Settings) -> bytes:
-    """Decode the upload at full size (no draft, RGB) and draw ``result`` on it."""
-    image = load_image(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels).image
-    return render.encode(render.annotate(image, task.name, result, contract.labels), fmt)
+def _render(inferred: Inferred, endpoint: Endpoint, options: dict[str, Any], fmt: str) -> bytes:
+    """The one image of ``inferred`` with its answer drawn on it, encoded as ``fmt``."""
+    (prepared,), (outputs,) = inferred.prepared, inferred.outputs
+    assert prepared.image is not None  # preprocess_full keeps it
+    drawn = render.annotate(prepared.image, endpoint.task.name, outputs, prepared.geometry,
+                            inferred.served.model.contract, options)
+    return render.encode(drawn, fmt)

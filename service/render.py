@@ -1,29 +1,40 @@
-"""Annotated images: a task's JSON result drawn on the original image (Pillow's ImageDraw).
+"""Annotated images: a task's answer drawn on the original image (Pillow's ImageDraw).
 
-Pure functions of (image, result): what is drawn is exactly what the JSON answer says, so
-a rendered image and the JSON for the same request always agree.
+Each task has a drawer in :data:`DRAWERS`, looked up by task name, that draws one image's
+outputs exactly as the JSON answer states them (the same core.tasks result, or the same
+class map it encodes), so a rendered image and the JSON for the same request agree:
 
 - classification: the top labels with their scores in a box at the top left; with
   ``cam=true``, the best label's class activation map blended over the image;
 - detection: each box outlined in its label's colour, with the label and score above it;
-- segmentation: each class's mask (RLE, polygons or the class-index PNG, whichever the
-  answer carries) blended in its label's colour, with a legend.
+- segmentation: each class's pixels blended in its label's colour, with a legend.
 """
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import io
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from core import postprocess
+from core.contract import ModelContract
+from core.geometry import Geometry
+from core.tasks import TASKS, Outputs
 
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg"}
 # Distinct colours (Tableau 10), label_id modulo their count.
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 MASK_ALPHA = 0.5
+# Larger images are drawn reduced to at most this many pixels (by a whole factor, box-filtered):
+# the annotated copy, its blends and the encoded answer grow with the canvas, and a 100 MP
+# render with cam=true took 8 s and 2.3 GB at full size.
+MAX_PIXELS = 16_000_000
 
 
 def colour(label_id: int) -> tuple[int, int, int]:
@@ -50,27 +61,82 @@ def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill: 
     draw.text((x + 2 - left, y + 2 - top), text, fill=(255, 255, 255), font=font)
 
 
-def annotate(image: Image.Image, task: str, result: dict[str, Any], labels: list[str]) -> Image.Image:
-    """A copy of ``image`` (RGB, original size) with ``result`` (one image's JSON result of
-    ``task``) drawn on it."""
-    canvas = image.convert("RGB")
-    if task == "segmentation":
-        canvas = _masks(canvas, result)
-    elif task == "classification" and result["labels"] and "heatmap_png" in result["labels"][0]:
-        canvas = _heatmap(canvas, _png(result["labels"][0]["heatmap_png"]))
-    draw = ImageDraw.Draw(canvas)
-    font = _font(canvas)
-    width = max(2, min(canvas.size) // 150)
-    if task == "detection":
-        for d in sorted(result["detections"], key=lambda d: d["score"]):  # best drawn last, on top
-            c = colour(d["label_id"])
-            draw.rectangle(d["box"], outline=c, width=width)
-            _label(draw, (d["box"][0], d["box"][1]), f"{d['label']} {d['score']:.2f}", c, font)
-    elif task == "classification":
-        _legend(draw, [(f"{i['label']} {i['score']:.3f}", i["label_id"]) for i in result["labels"]], font)
-    elif task == "segmentation":
-        _legend(draw, [(f"{i['label']} ({i['area']} px)", i["label_id"]) for i in result["classes"]], font)
+Drawer = Callable[[Image.Image, Outputs, Geometry, ModelContract, Mapping[str, Any]], Image.Image]
+
+
+def canvas(image: Image.Image) -> Image.Image:
+    """``image`` as the RGB canvas to draw on: the original size, or reduced by the smallest
+    whole factor that brings it within MAX_PIXELS."""
+    factor = math.ceil(math.sqrt(image.width * image.height / MAX_PIXELS))
+    reduced = image.reduce(factor) if factor > 1 else image
+    return reduced if reduced.mode == "RGB" else reduced.convert("RGB")
+
+
+def annotate(image: Image.Image, task: str, outputs: Outputs, geometry: Geometry, contract: ModelContract,
+             options: Mapping[str, Any]) -> Image.Image:
+    """A copy of ``image`` (the original, or a :func:`canvas` of it) with one image's
+    ``outputs`` of a ``task`` model drawn on it, as its answer with ``options`` states them;
+    ``geometry`` maps model input to the original image."""
+    drawn = image.copy() if image.mode == "RGB" else image.convert("RGB")
+    return DRAWERS[task](drawn, outputs, _on_canvas(geometry, drawn.size), contract, options)
+
+
+def _on_canvas(geometry: Geometry, size: tuple[int, int]) -> Geometry:
+    """``geometry`` for a canvas of ``size`` instead of the original image (the same when equal)."""
+    sx, sy = size[0] / geometry.orig_width, size[1] / geometry.orig_height
+    if (sx, sy) == (1.0, 1.0):
+        return geometry
+    return dataclasses.replace(geometry, orig_width=size[0], orig_height=size[1], scale_x=geometry.scale_x / sx,
+                               scale_y=geometry.scale_y / sy)
+
+
+def _style(canvas: Image.Image) -> tuple[ImageDraw.ImageDraw, Any, int]:
+    """A drawing context, the label font and the line width for ``canvas``'s size."""
+    return ImageDraw.Draw(canvas), _font(canvas), max(2, min(canvas.size) // 150)
+
+
+def draw_classification(canvas: Image.Image, outputs: Outputs, geometry: Geometry, contract: ModelContract,
+                        options: Mapping[str, Any]) -> Image.Image:
+    """The top labels; with ``cam``, the best label's class activation map under them."""
+    labels = TASKS["classification"].result(outputs, geometry, contract, {**options, "cam": False})["labels"]
+    if options.get("cam") and labels:
+        heat = postprocess.heatmap(outputs[contract.outputs.cam][labels[0]["label_id"]], geometry, contract.input)
+        # blend_heatmap stretches the bounded heatmap over the canvas, strip by strip
+        canvas = Image.fromarray(postprocess.blend_heatmap(np.asarray(canvas), heat.astype(np.float32) / 255.0),
+                                 "RGB")
+    draw, font, _ = _style(canvas)
+    _legend(draw, [(f"{i['label']} {i['score']:.3f}", i["label_id"]) for i in labels], font)
     return canvas
+
+
+def draw_detection(canvas: Image.Image, outputs: Outputs, geometry: Geometry, contract: ModelContract,
+                   options: Mapping[str, Any]) -> Image.Image:
+    """Each detection's box and label; the best is drawn last, on top."""
+    found = TASKS["detection"].result(outputs, geometry, contract, options)["detections"]
+    draw, font, width = _style(canvas)
+    for d in sorted(found, key=lambda d: d["score"]):
+        c = colour(d["label_id"])
+        draw.rectangle(d["box"], outline=c, width=width)
+        _label(draw, (d["box"][0], d["box"][1]), f"{d['label']} {d['score']:.2f}", c, font)
+    return canvas
+
+
+def draw_segmentation(canvas: Image.Image, outputs: Outputs, geometry: Geometry, contract: ModelContract,
+                      options: Mapping[str, Any]) -> Image.Image:
+    """The class map the answer encodes (label 0, background, left clear) and a legend."""
+    o = contract.outputs
+    cmap = postprocess.class_map(outputs[o.masks], o.kind, geometry)
+    canvas = _blend_classes(canvas, cmap)
+    counts = np.bincount(cmap.reshape(-1))
+    names = contract.labels
+    draw, font, _ = _style(canvas)
+    _legend(draw, [(f"{names[i] if i < len(names) else i} ({counts[i]} px)", int(i))
+                   for i in np.flatnonzero(counts) if i != 0], font)
+    return canvas
+
+
+DRAWERS: dict[str, Drawer] = {"classification": draw_classification, "detection": draw_detection,
+                              "segmentation": draw_segmentation}
 
 
 def _legend(draw: ImageDraw.ImageDraw, lines: list[tuple[str, int]], font: Any) -> None:
@@ -82,41 +148,16 @@ def _legend(draw: ImageDraw.ImageDraw, lines: list[tuple[str, int]], font: Any) 
         _label(draw, (0, y), text, colour(label_id), font)
 
 
-def _png(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
-
-
-def _masks(canvas: Image.Image, result: dict[str, Any]) -> Image.Image:
-    """Blend every class's mask in its colour."""
-    h, w = canvas.height, canvas.width
-    label_map = np.zeros((h, w), np.int32) - 1
-    if "mask_png" in result:
-        cmap = _png(result["mask_png"]).astype(np.int32)
-        label_map = np.where(cmap > 0, cmap, -1)
-    for item in result["classes"]:
-        if "rle" in item:
-            from pycocotools import mask as mask_utils
-
-            rle = {"size": item["rle"]["size"], "counts": item["rle"]["counts"].encode("ascii")}
-            label_map[mask_utils.decode(rle).astype(bool)] = item["label_id"]
-        elif "polygons" in item:
-            layer = Image.new("L", (w, h), 0)
-            for poly in item["polygons"]:
-                ImageDraw.Draw(layer).polygon(poly, fill=255, outline=255)
-            label_map[np.asarray(layer) > 0] = item["label_id"]
-    rgb = np.asarray(canvas).astype(np.float32)
-    overlay = rgb.copy()
-    for label_id in np.unique(label_map[label_map >= 0]):
-        overlay[label_map == label_id] = colour(int(label_id))
-    blended = np.where((label_map >= 0)[..., None], rgb * (1 - MASK_ALPHA) + overlay * MASK_ALPHA, rgb)
-    return Image.fromarray(np.round(blended).astype(np.uint8), "RGB")
-
-
-def _heatmap(canvas: Image.Image, heat: np.ndarray) -> Image.Image:
-    """Blend a uint8 heatmap over the image (core.postprocess.blend_heatmap)."""
-    from core.postprocess import blend_heatmap
-
-    return Image.fromarray(blend_heatmap(np.asarray(canvas), heat / 255.0), "RGB")
+def _blend_classes(canvas: Image.Image, cmap: np.ndarray) -> Image.Image:
+    """Blend every labelled pixel (class map value > 0) in its label's colour."""
+    rgb = np.asarray(canvas)
+    fg = cmap > 0
+    if not fg.any():
+        return canvas
+    lut = np.array([colour(i) for i in range(int(cmap.max()) + 1)], np.float32)
+    out = rgb.copy()
+    out[fg] = np.round(rgb[fg].astype(np.float32) * (1 - MASK_ALPHA) + lut[cmap[fg]] * MASK_ALPHA).astype(np.uint8)
+    return Image.fromarray(out, "RGB")
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:

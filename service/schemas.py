@@ -1,10 +1,16 @@
-"""Response shapes, for the OpenAPI document and for readers; the handlers build the same dicts."""
+"""The OpenAPI description of convserve's routes: response shapes (pydantic models, for the
+document and for readers; the handlers build the same dicts, and a test validates real
+answers against them), request bodies and options, and the error statuses each route
+really returns. BentoML merges it into /docs.json."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from service.endpoints import Endpoint
 
 
 class ModelRef(BaseModel):
@@ -31,7 +37,8 @@ class Label(BaseModel):
     label_id: int
     score: float
     heatmap_png: str | None = Field(None, description="with cam=true: the label's class activation map, a base64 "
-                                    "greyscale PNG at the original image size (255 = the map's maximum)")
+                                    "greyscale PNG at the original image size, scaled down to at most 1024 px "
+                                    "on the long side (255 = the map's maximum)")
 
 
 class Detection(BaseModel):
@@ -260,3 +267,58 @@ class ErrorBody(BaseModel):
     """Every error the service returns has this shape."""
 
     error: ErrorDetail
+
+
+# --- requests and errors in the OpenAPI document -------------------------------------------------
+
+ERRORS = {
+    400: "malformed request (multipart syntax, Content-Length mismatch) or an image Pillow cannot decode",
+    401: "API keys are on (CONVSERVE_API_KEYS) and the request has no valid one",
+    404: "no such model or version",
+    408: "the request body did not arrive in time (CONVSERVE_BODY_TIMEOUT_S)",
+    413: "body over CONVSERVE_MAX_BYTES, image over CONVSERVE_MAX_PIXELS, or more images than CONVSERVE_MAX_IMAGES",
+    415: "a Content-Type other than multipart/form-data, image/* or application/octet-stream, or a Content-Encoding",
+    422: "an option out of range or unknown, a missing 'image', "
+         "a model of another task or without the output asked for",
+    500: "the model failed on this input (the server log has details)",
+    503: "this worker holds as much as it may, or is shutting down; retry after Retry-After seconds",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"description": text, "model": ErrorBody} for status, text in ERRORS.items()}
+V2_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    s: {"description": d, "model": V2Error} for s, d in (
+        (400, "a malformed request: wrong datatype or shape, a BYTES element that is not an image, an unknown output"),
+        (401, ERRORS[401]), (404, "no such model or version"), (413, ERRORS[413]),
+        (503, ERRORS[503]))}
+RENDER_OPTION = {"type": "string", "enum": ["png", "jpeg", "true", "false"], "default": "false",
+                 "description": "answer with the original image annotated (boxes, masks, labels) as PNG or JPEG "
+                                "instead of JSON; so does an Accept: image/png or image/jpeg header"}
+IMAGE_FIELD_DOC = "the image; repeat the field to send several, answered in order"
+RAW_BODY = {"schema": {"type": "string", "format": "binary"}}
+
+
+def endpoint_request(endpoint: Endpoint, image_field: str, raw_types: tuple[str, ...]) -> dict[str, Any]:
+    """The requestBody and query parameters of an endpoint's route: the image as a multipart
+    field or the whole body; the options as query parameters or (multipart) form fields."""
+    options = {o.name: o.json_schema() for o in endpoint.options}
+    if endpoint.drawable:
+        options["render"] = RENDER_OPTION
+    image = {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, WebP, BMP, TIFF, GIF)"}
+    form = {"type": "object", "required": [image_field], "properties": {
+        image_field: {"oneOf": [image, {"type": "array", "items": image}], "description": IMAGE_FIELD_DOC},
+        **options}}
+    return {
+        "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": form}, "image/*": RAW_BODY, **{t: RAW_BODY for t in raw_types}}},
+        "parameters": [{"name": name, "in": "query", "required": False, "schema": schema,
+                        "description": f"{schema['description']} (with multipart, a form field of the same name "
+                                       "works too; not both)"} for name, schema in options.items()],
+    }
+
+
+def path_parameters(path: str) -> list[dict[str, Any]]:
+    """The ``{name}`` parameters of a raw route's path, for the document (FastAPI finds them
+    only in an endpoint function's signature)."""
+    names = [part[1:-1] for part in path.split("/") if part.startswith("{") and part.endswith("}")]
+    return [{"name": n, "in": "path", "required": True, "schema": {"type": "string"},
+             "description": {"name": "the model's name", "version": "the model's version"}.get(n, n)} for n in names]

@@ -23,17 +23,19 @@ from pathlib import Path
 import bentoml
 
 from core.errors import ConfigError
-from core.tasks import ENDPOINTS
-from service import balancing, bentoml_fixes, lifecycle, tracing
+from service import balancing, bentoml_patches, lifecycle, tracing
 from service.app import app
 from service.auth import AuthMiddleware
+from service.endpoints import ENDPOINTS
 from service.errors import ErrorEnvelopeMiddleware
 from service.pages import PagesMiddleware
 from service.settings import Settings
 
 log = logging.getLogger("convserve.service")
-bentoml_fixes.apply()
-lifecycle.always_respawn()  # in bentoml serve's main process: its supervisor restarts dead workers
+try:  # every BentoML/uvicorn workaround, in the supervisor and in each worker (service.bentoml_patches)
+    bentoml_patches.apply_all()
+except RuntimeError as exc:  # a BentoML upgrade: one line, not a traceback, and nothing starts
+    raise SystemExit(f"convserve: cannot start: {exc}") from None
 
 
 def _setup_logging() -> None:
@@ -60,14 +62,11 @@ def _workers() -> int:
     return s.workers if s else 1
 
 
-INFERENCE_ROUTES = [f"/{e.endpoint}" for e in ENDPOINTS.values()]  # the hot paths (and v2's infer, below)
+INFERENCE_ROUTES = [f"/{e.name}" for e in ENDPOINTS.values()]  # the hot paths (and v2's infer, below)
 
-# The container image. BentoML's default image runs `apt-get install build-essential git ...`
-# (512 MB here) before installing the Python packages; every dependency of convserve is a
-# wheel, so the image needs none of it. A distro name BentoML does not know makes it skip that
-# command (Image.__attrs_post_init__ inserts it only for the distros it knows); the base image
-# and the Python packages (bentofile.yaml / bentofile.gpu.yaml) are as BentoML would pick them.
-IMAGE = bentoml.images.Image(base_image="python:3.11-slim", distro="debian-wheels-only", python_version="3.11")
+# The container image: no apt step, as every dependency is a wheel (bentoml_patches.DISTRO_REASON);
+# the base image and the Python packages (bentofile.yaml / bentofile.gpu.yaml) as BentoML would pick them.
+IMAGE = bentoml.images.Image(base_image="python:3.11-slim", distro=bentoml_patches.IMAGE_DISTRO, python_version="3.11")
 
 
 @bentoml.service(
@@ -117,29 +116,31 @@ class ConvServe:
         from service.pipeline import Pipeline
         from service.repository import ModelRepository
         from service.uploads import Limits
+        from service.worker import Worker, attach
 
         _setup_logging()
-        self.settings = s = Settings.from_env()
-        self.repo = ModelRepository(s, on_batch=observe_batch)
-        self.repo.warm_up()
-        self.pipeline = Pipeline(self.repo, s)
-        self.admission = Admission(s.max_queue, s.max_inflight_bytes, s.admission_wait_ms / 1e3, s.max_waiting)
-        self.limits = Limits(max_bytes=s.max_bytes, max_images=s.max_images, timeout_s=s.body_timeout_s)
-        self.balancer = balancing.Balancer.from_env(bentoml.server_context.worker_index - 1, s.workers)
+        s = Settings.from_env()
+        repo = ModelRepository(s, on_batch=observe_batch)
+        repo.warm_up_all()
+        admission = Admission(s.max_requests, s.max_inflight_bytes, s.admission_wait_ms / 1e3, s.max_waiting)
         # BentoML builds the service inside the worker's running event loop, in its main thread.
         loop = asyncio.get_running_loop()
-        self.drain = lifecycle.Drain(lambda: self.admission.requests, self.admission.close, s.grace_s)
-        self.drain.install(loop)
-        self.watcher = loop.create_task(self.repo.watch(s.poll_s)) if s.poll_s > 0 else None
-        app.state.service = self
+        drain = lifecycle.Drain(lambda: admission.requests, admission.close, s.grace_s)
+        drain.install(loop)
+        self.worker = Worker(
+            settings=s, repo=repo, pipeline=Pipeline(repo, s), admission=admission,
+            limits=Limits(max_bytes=s.max_bytes, max_images=s.max_images, timeout_s=s.body_timeout_s),
+            balancer=balancing.Balancer.from_env(bentoml.server_context.worker_index - 1, s.workers), drain=drain)
+        self.watcher = loop.create_task(repo.watch(s.poll_s)) if s.poll_s > 0 else None
+        attach(app, self.worker)
         # What exists now lives as long as the worker: keep full collections from walking it.
         gc.collect()
         gc.freeze()
-        log.info("ready: %d model(s) loaded and warmed up", sum(len(v) for v in self.repo.models.values()))
+        log.info("ready: %d model(s) loaded and warmed up", sum(len(v) for v in repo.models.values()))
 
     def is_ready(self) -> bool:
         """Every model loaded and warmed up, and not shutting down."""
-        return self.repo.ready and not self.drain.draining
+        return self.worker.is_ready()
 
     def __is_ready__(self) -> bool:
         return self.is_ready()
@@ -152,4 +153,4 @@ ConvServe.add_asgi_middleware(AuthMiddleware, api_keys=_settings.api_keys if _se
                               admin_keys=_settings.admin_keys if _settings else (),
                               protect_health=_settings.auth_health if _settings else False)
 ConvServe.add_asgi_middleware(PagesMiddleware)
-ConvServe.add_asgi_middleware(ErrorEnvelopeMiddleware, skip_posts_to=tuple(INFERENCE_ROUTES), skip_prefixes=("/v2",))
+ConvServe.add_asgi_middleware(ErrorEnvelopeMiddleware, skip_posts_to=tuple(INFERENCE_ROUTES), v2_prefixes=("/v2",))

@@ -16,14 +16,18 @@
 | CONVSERVE_MAX_INFLIGHT_BYTES | 268435456 | request-body bytes a worker holds before 503 (256 MiB) |
 | CONVSERVE_MAX_BYTES | 33554432 | largest request body (32 MiB) |
 | CONVSERVE_MAX_PIXELS | 100000000 | largest image (width x height, from the header) |
+| CONVSERVE_MAX_DECODED_BYTES | 4 x MAX_PIXELS | memory one image's decode may take (from its header) |
 | CONVSERVE_MAX_IMAGES | 16 | images in one request |
 | CONVSERVE_BODY_TIMEOUT_S | 30 | seconds a client has to send its request body (then 408) |
-| CONVSERVE_POLL_S | 10 | seconds between looks at the model repository for new, replaced or removed versions (0: never) |
+| CONVSERVE_POLL_S | 10 | seconds between looks at the model repository for changed versions (0: never) |
 | CONVSERVE_GRACE_S | 25 | on SIGTERM, how long accepted requests may take before the worker exits anyway |
-| CONVSERVE_API_KEYS / _FILE | unset | API keys (comma-separated, or a file with one a line): required on inference routes |
+| CONVSERVE_API_KEYS / _FILE | unset | API keys (comma-separated, or a file with one a line), needed on most routes |
 | CONVSERVE_ADMIN_KEYS / _FILE | unset | keys for POST /admin/reload (disabled without one) |
 | CONVSERVE_AUTH_HEALTH | 0 | 1: health, readiness and metrics need an API key too |
 | CONVSERVE_ACCESS_LOG | 0 | 1: one log line per inference request (method, path, status, ms, model, request id) |
+| CONVSERVE_MAX_HEAD_BYTES | 65536 | largest request line + headers (64 KiB); more: 431, connection closed |
+| CONVSERVE_HEAD_TIMEOUT_S | 10 | seconds from connecting (or a head's first byte) to the head's end; then closed |
+| CONVSERVE_KEEPALIVE_S | 5 | seconds an idle keep-alive connection stays open between requests (BentoML's default) |
 """
 
 from __future__ import annotations
@@ -110,12 +114,13 @@ class Settings:
     decode_threads: int
     max_batch: int | None  # None: per device (see max_batch_for)
     batch_wait_ms: int
-    max_queue: int
+    max_requests: int  # CONVSERVE_MAX_QUEUE: requests a worker admits at once (service.admission)
     admission_wait_ms: int
     max_waiting: int
     max_inflight_bytes: int
     max_bytes: int
     max_pixels: int
+    max_decoded_bytes: int | None  # what decoding one image may take; None: core.imaging's default
     max_images: int
     body_timeout_s: int
     poll_s: float = 10.0
@@ -124,6 +129,9 @@ class Settings:
     admin_keys: tuple[str, ...] = ()
     auth_health: bool = False
     access_log: bool = False
+    max_head_bytes: int = 64 * 1024
+    head_timeout_s: float = 10.0
+    keepalive_s: float = 5.0
 
     def max_batch_for(self, providers: list[str]) -> int:
         """CONVSERVE_MAX_BATCH, or the default for where the model runs: on a CPU larger
@@ -133,7 +141,7 @@ class Settings:
         return 32 if "CUDAExecutionProvider" in providers else 8
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         """Read every CONVSERVE_* variable; ConfigError naming the first invalid one."""
         device = os.environ.get("CONVSERVE_DEVICE", "auto").lower()
         if device not in DEVICES:
@@ -148,12 +156,13 @@ class Settings:
             decode_threads=_int("CONVSERVE_DECODE_THREADS", max(1, available_cores() // workers), 1),
             max_batch=_int("CONVSERVE_MAX_BATCH", 0, 1) or None,
             batch_wait_ms=_int("CONVSERVE_BATCH_WAIT_MS", 0, 0),
-            max_queue=_int("CONVSERVE_MAX_QUEUE", 64, 1),
+            max_requests=_int("CONVSERVE_MAX_QUEUE", 64, 1),
             admission_wait_ms=_int("CONVSERVE_ADMISSION_WAIT_MS", 1000, 0),
             max_waiting=_int("CONVSERVE_MAX_WAITING", 1024, 0),
             max_inflight_bytes=_int("CONVSERVE_MAX_INFLIGHT_BYTES", 256 * 1024 * 1024, 1),
             max_bytes=_int("CONVSERVE_MAX_BYTES", 32 * 1024 * 1024, 1),
             max_pixels=_int("CONVSERVE_MAX_PIXELS", 100_000_000, 1),
+            max_decoded_bytes=_int("CONVSERVE_MAX_DECODED_BYTES", 0, 0) or None,
             max_images=_int("CONVSERVE_MAX_IMAGES", 16, 1),
             body_timeout_s=_int("CONVSERVE_BODY_TIMEOUT_S", 30, 1),
             poll_s=_float("CONVSERVE_POLL_S", 10.0, 0.0),
@@ -162,4 +171,7 @@ class Settings:
             admin_keys=_keys("CONVSERVE_ADMIN_KEYS"),
             auth_health=_int("CONVSERVE_AUTH_HEALTH", 0, 0) > 0,
             access_log=_int("CONVSERVE_ACCESS_LOG", 0, 0) > 0,
+            max_head_bytes=_int("CONVSERVE_MAX_HEAD_BYTES", 64 * 1024, 1024),
+            head_timeout_s=_float("CONVSERVE_HEAD_TIMEOUT_S", 10.0, 0.5),
+            keepalive_s=_float("CONVSERVE_KEEPALIVE_S", 5.0, 0.5),
         )

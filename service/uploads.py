@@ -3,7 +3,8 @@
 Two ways to send images (README "API"):
 
 - ``multipart/form-data``: one or more ``image`` parts (repeat the field for several images,
-  answered in order) and the options as fields. Parsed by python-multipart's streaming
+  answered in order) and the options as fields or query parameters (not both for one
+  option). Parsed by python-multipart's streaming
   parser as the body arrives; file names are ignored, nothing touches the disk, and a text
   field is data, never a URL to fetch.
 - a raw body: ``Content-Type: image/*`` or ``application/octet-stream``, one image, the
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
@@ -67,8 +69,8 @@ async def read_upload(headers: dict[str, str], query: dict[str, str], receive: R
                       on_bytes: Callable[[int], None] | None = None) -> Upload:
     """Read and parse the body of an inference request.
 
-    ``headers``: lower-case names. ``query``: the query parameters (options of a raw-body
-    request; with multipart, options come from form fields). ``on_bytes`` is told about
+    ``headers``: lower-case names. ``query``: the query parameters (options; with multipart,
+    form fields may carry them too, but not the same one twice). ``on_bytes`` is told about
     every chunk's size as it arrives (admission control counts body bytes in flight).
     """
     content_type, params = parse_options_header(headers.get("content-type", ""))
@@ -119,7 +121,8 @@ async def read_body(headers: dict[str, str], receive: Receive, limits: Limits,
     except zlib.error as exc:
         raise malformed(f"the {encoding} body cannot be decompressed: {exc}") from None
     if len(out) > limits.max_bytes or inflater.unconsumed_tail:
-        raise UploadError(413, "payload_too_large", f"the decompressed body exceeds the limit of {limits.max_bytes} bytes")
+        raise UploadError(413, "payload_too_large",
+                          f"the decompressed body exceeds the limit of {limits.max_bytes} bytes")
     return out
 
 
@@ -148,7 +151,7 @@ async def discard_body(receive: TrackedReceive, max_bytes: int, seconds: float =
             return
         try:
             message = await asyncio.wait_for(receive(), left)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         seen += len(message.get("body", b""))
 
@@ -186,15 +189,17 @@ async def _stream(receive: Receive, limits: Limits, length: int | None, on_bytes
     while True:
         try:
             message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
-        except asyncio.TimeoutError:
-            raise UploadError(408, "request_timeout", f"the request body did not arrive within {limits.timeout_s:g} s") from None
+        except TimeoutError:
+            raise UploadError(408, "request_timeout",
+                              f"the request body did not arrive within {limits.timeout_s:g} s") from None
         if message["type"] == "http.disconnect":
             raise UploadError(400, "client_disconnected", "the client closed the connection before the body ended")
         chunk = message.get("body", b"")
         if chunk:
             total += len(chunk)
             if total > limits.max_bytes:
-                raise UploadError(413, "payload_too_large", f"the request body exceeds the limit of {limits.max_bytes} bytes")
+                raise UploadError(413, "payload_too_large",
+                                  f"the request body exceeds the limit of {limits.max_bytes} bytes")
             if on_bytes:
                 on_bytes(len(chunk))
             sink(chunk)
@@ -237,12 +242,14 @@ class _Form:
             raise malformed(f"malformed multipart body: {exc}") from None
         if not self.ended:
             raise malformed("the multipart body ends before its closing boundary")
-        if query:
-            raise UploadError(422, "invalid_parameter", "with multipart/form-data, send options as form fields, "
-                              f"not query parameters ({', '.join(sorted(query))})")
+        twice = sorted(set(query) & set(self.fields))
+        if twice:
+            raise UploadError(422, "invalid_parameter", f"{', '.join(twice)}: given both as a form field and as a "
+                              "query parameter; send each option once")
         if not self.images:
-            raise UploadError(422, "invalid_parameter", f"no '{IMAGE_FIELD}' field: send the image file as '{IMAGE_FIELD}'")
-        return Upload(self.images, self.fields)
+            raise UploadError(422, "invalid_parameter",
+                              f"no '{IMAGE_FIELD}' field: send the image file as '{IMAGE_FIELD}'")
+        return Upload(self.images, {**query, **self.fields})
 
     # --- python-multipart callbacks ---------------------------------------------------
 
@@ -288,8 +295,8 @@ class _Form:
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         self._data += data[start:end]
         if self._name != IMAGE_FIELD and len(self._data) > MAX_FIELD_BYTES:
-            raise UploadError(422, "invalid_parameter", f"field {str(self._name)[:60]!r} is longer than {MAX_FIELD_BYTES} "
-                              f"bytes; only '{IMAGE_FIELD}' carries data")
+            raise UploadError(422, "invalid_parameter", f"field {str(self._name)[:60]!r} is longer than "
+                              f"{MAX_FIELD_BYTES} bytes; only '{IMAGE_FIELD}' carries data")
 
     def _part_end(self) -> None:
         if self._name == IMAGE_FIELD:

@@ -31,14 +31,19 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core import postprocess
-from core.tasks import TASKS, Task
+from core.contract import ModelContract
+from core.geometry import Geometry
+from core.tasks import Outputs
+from service.endpoints import TASK_ENDPOINTS
 from service.errors import V2Error
 
 if TYPE_CHECKING:
@@ -47,6 +52,8 @@ if TYPE_CHECKING:
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 HEADER_LENGTH = "inference-header-content-length"
+MAX_DATA_DEPTH = 8        # a tensor's JSON 'data' nests at most as deep as its rank (4 for images), and a little
+JSON_SLACK_ELEMENTS = 4096  # JSON values a request may hold besides its tensor's elements (names, parameters)
 
 _TO_V2 = {"bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
           "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "float16": "FP16",
@@ -54,14 +61,56 @@ _TO_V2 = {"bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT3
 _ORT_TO_V2 = {"tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(int8)": "INT8", "tensor(int32)": "INT32",
               "tensor(int64)": "INT64", "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
               "tensor(string)": "BYTES"}
-# Task results as tensors: name -> (datatype, shape), for the tasks that have them.
-TASK_OUTPUTS: dict[str, dict[str, tuple[str, list[int]]]] = {
-    "detection": {"detection_boxes": ("FP32", [-1, -1, 4]), "detection_scores": ("FP32", [-1, -1]),
-                  "detection_classes": ("INT64", [-1, -1]), "num_detections": ("INT32", [-1])},
-    "segmentation": {"class_map": ("UINT8", [-1, -1, -1])},
-    "classification": {},
-}
 CLASS_MAP_PAD = 255
+
+
+# --- task results as tensors -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TaskTensors:
+    """A task's results as v2 outputs: name -> (datatype, shape), and how to compute them for
+    a request's images (arrays with a batch axis, by name)."""
+
+    outputs: dict[str, tuple[str, list[int]]]
+    compute: Callable[[list[Outputs], list[Geometry], ModelContract, Mapping[str, Any]], dict[str, np.ndarray]]
+
+
+def detection_tensors(outputs: list[Outputs], geometries: list[Geometry], contract: ModelContract,
+                      options: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Each image's detections, as /detect answers them, padded to the most any image has."""
+    o = contract.outputs
+    found = [postprocess.select_detections(out[o.boxes], out[o.scores], out[o.labels], g, options["score_threshold"],
+                                           options["max_detections"]) for out, g in zip(outputs, geometries)]
+    n, k = len(found), max((len(f[1]) for f in found), default=0)
+    boxes, scores = np.zeros((n, k, 4), np.float32), np.zeros((n, k), np.float32)
+    classes, count = np.zeros((n, k), np.int64), np.zeros((n,), np.int32)
+    for i, (b, s, c) in enumerate(found):
+        count[i] = len(s)
+        boxes[i, :len(s)], scores[i, :len(s)], classes[i, :len(s)] = b, s, c
+    return {"detection_boxes": boxes, "detection_scores": scores, "detection_classes": classes,
+            "num_detections": count}
+
+
+def class_map_tensors(outputs: list[Outputs], geometries: list[Geometry], contract: ModelContract,
+                      options: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Each image's class map at its original size, padded with CLASS_MAP_PAD to the largest."""
+    o = contract.outputs
+    maps = [postprocess.class_map(out[o.masks], o.kind, g) for out, g in zip(outputs, geometries)]
+    h, w = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
+    stacked = np.full((len(maps), h, w), CLASS_MAP_PAD, np.uint8)
+    for i, m in enumerate(maps):
+        stacked[i, :m.shape[0], :m.shape[1]] = m
+    return {"class_map": stacked}
+
+
+# By task name. Classification results come through the classification extension instead.
+TASK_TENSORS: dict[str, TaskTensors] = {
+    "classification": TaskTensors({}, lambda *_: {}),
+    "detection": TaskTensors({"detection_boxes": ("FP32", [-1, -1, 4]), "detection_scores": ("FP32", [-1, -1]),
+                              "detection_classes": ("INT64", [-1, -1]), "num_detections": ("INT32", [-1])},
+                             detection_tensors),
+    "segmentation": TaskTensors({"class_map": ("UINT8", [-1, -1, -1])}, class_map_tensors),
+}
 
 
 def bad(message: str) -> V2Error:
@@ -81,7 +130,7 @@ def model_outputs(served: ServedModel) -> dict[str, tuple[str, list[int]]]:
     for name in served.model.output_names:
         o = graph[name]
         out[name] = (_ORT_TO_V2.get(o.type, "BYTES"), [d if isinstance(d, int) else -1 for d in o.shape])
-    for name, spec in TASK_OUTPUTS[served.model.contract.task].items():
+    for name, spec in TASK_TENSORS[served.model.contract.task].outputs.items():
         out.setdefault(name, spec)
     return out
 
@@ -122,20 +171,25 @@ class InferRequest:
         return len(self.images) if self.images is not None else len(self.arrays)  # type: ignore[arg-type]
 
 
-def _flat(data: Any) -> list[Any]:
-    if isinstance(data, list):
-        out: list[Any] = []
-        for item in data:
-            out.extend(_flat(item))
-        return out
-    return [data]
-
-
 def _elements(data: Any, count: int, where: str) -> list[Any]:
-    items = _flat(data)
-    if len(items) != count:
-        raise bad(f"{where}: 'data' holds {len(items)} elements; its shape says {count}")
-    return items
+    """The elements of a (nested) JSON ``data`` array, flattened without recursion; stops as
+    soon as there are more than ``count`` or the nesting is deeper than the shape can be."""
+    out: list[Any] = []
+    stack = [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list):
+            if depth > MAX_DATA_DEPTH:
+                raise bad(f"{where}: 'data' is nested deeper than {MAX_DATA_DEPTH} levels")
+            stack.extend((x, depth + 1) for x in reversed(item))
+        else:
+            out.append(item)
+            if len(out) > count:
+                break
+    if len(out) != count:
+        raise bad(f"{where}: 'data' holds {'more than ' if len(out) > count else ''}{len(out)} elements; "
+                  f"its shape says {count}")
+    return out
 
 
 def _parse_bytes_binary(raw: bytes, count: int, where: str) -> list[bytes]:
@@ -174,18 +228,44 @@ def _shape(spec: dict[str, Any], where: str) -> list[int]:
     return shape
 
 
+def header_length(headers: dict[str, str]) -> int | None:
+    """The Inference-Header-Content-Length (ASCII digits only); None without one; V2Error."""
+    raw = headers.get(HEADER_LENGTH)
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise bad(f"Inference-Header-Content-Length {raw[:40]!r} is not a number of bytes")
+    return int(text)
+
+
+def _json_head(head: bytes, served: ServedModel, max_images: int) -> Any:
+    """The parsed JSON request, after cheap checks that bound what parsing costs: no more
+    values than the largest request the model accepts can hold (counted by commas, before
+    anything is parsed); nesting is bounded by the decoder's recursion limit."""
+    i = served.model.contract.input
+    most = max_images * max(i.height * i.width * i.channels, 1) + JSON_SLACK_ELEMENTS
+    if head.count(b",") > most:
+        raise V2Error(413, f"the JSON request holds more values than {max_images} image(s) of this model can "
+                           f"({most}); send images as BYTES or use the binary tensor data extension")
+    try:
+        return json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"the request is not valid JSON: {exc}") from None
+    except RecursionError:  # CPython's decoder stops at the interpreter's recursion limit (1000)
+        raise bad("the JSON request is nested too deeply") from None
+
+
 def parse_infer(body: bytes, header_length: int | None, served: ServedModel, max_images: int) -> InferRequest:
-    """Parse and check an infer request for ``served``; V2Error naming the problem."""
+    """Parse and check an infer request for ``served``; V2Error naming the problem. Counts are
+    checked before elements are read, so no request costs more than its size allows."""
     if header_length is not None:
         if not 0 < header_length <= len(body):
             raise bad(f"Inference-Header-Content-Length is {header_length}; the body has {len(body)} bytes")
         head, binary = body[:header_length], body[header_length:]
     else:
         head, binary = body, b""
-    try:
-        doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad(f"the request is not valid JSON: {exc}") from None
+    doc = _json_head(head, served, max_images)
     if not isinstance(doc, dict):
         raise bad("the request must be a JSON object with 'inputs'")
     inputs = doc.get("inputs")
@@ -217,17 +297,18 @@ def parse_infer(body: bytes, header_length: int | None, served: ServedModel, max
     if datatype == "BYTES":
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise bad(f"{where}: a BYTES input of encoded images has shape [N]; got {shape}")
-        count = shape[0]
+        count = _checked_count(shape[0], max_images, where)
         if size is not None:
             images = _parse_bytes_binary(binary, count, where)
         else:
-            images = [_b64(item, f"{where} element {k}") for k, item in enumerate(_elements(tensor["data"], count, where))]
+            images = [_b64(item, f"{where} element {k}")
+                      for k, item in enumerate(_elements(tensor["data"], count, where))]
     elif datatype == "UINT8":
         want = [spec.height, spec.width, spec.channels]
         if len(shape) != 4 or shape[1:] != want:
             raise bad(f"{where}: a UINT8 input has the model's shape [N, {', '.join(map(str, want))}]; got {shape}")
-        count = shape[0]
-        total = int(np.prod(shape))
+        count = _checked_count(shape[0], max_images, where)
+        total = math.prod(shape)  # Python integers: no overflow, and count is bounded already
         if size is not None:
             if len(binary) != total:
                 raise bad(f"{where}: shape {shape} needs {total} bytes of binary data; got {len(binary)}")
@@ -240,20 +321,26 @@ def parse_infer(body: bytes, header_length: int | None, served: ServedModel, max
     else:
         raise bad(f"{where}: datatype {datatype!r} is not accepted: send BYTES (encoded images, shape [N]) or UINT8 "
                   f"(the model's input, shape [N, {spec.height}, {spec.width}, {spec.channels}])")
-    if count < 1:
-        raise bad(f"{where}: the batch is empty")
-    if count > max_images:
-        raise V2Error(413, f"{where}: {count} images in one request; the limit is {max_images} (CONVSERVE_MAX_IMAGES)")
     doc_params = doc.get("parameters") or {}
     if not isinstance(doc_params, dict):
         raise bad("'parameters' must be an object")
     default_binary = doc_params.get("binary_data_output") is True
     outputs = _requested(doc.get("outputs"), served, default_binary)
-    task = TASKS[served.model.contract.task]
-    options = {o.name: _option_text(doc_params[o.name]) for o in task.options if o.name != "model" and o.name in doc_params}
+    endpoint = TASK_ENDPOINTS[served.model.contract.task]
+    options = {o.name: _option_text(doc_params[o.name]) for o in endpoint.options
+               if o.name != "model" and o.name in doc_params}
     request_id = doc.get("id")
     return InferRequest(request_id if isinstance(request_id, str) else None, images, arrays, outputs, options,
                         explicit=doc.get("outputs") is not None)
+
+
+def _checked_count(count: int, max_images: int, where: str) -> int:
+    """The batch size of a request's shape, before any element is read: 1..max_images."""
+    if count < 1:
+        raise bad(f"{where}: the batch is empty")
+    if count > max_images:
+        raise V2Error(413, f"{where}: {count} images in one request; the limit is {max_images} (CONVSERVE_MAX_IMAGES)")
+    return count
 
 
 def _option_text(value: Any) -> str:
@@ -291,38 +378,15 @@ def _requested(raw: Any, served: ServedModel, default_binary: bool) -> list[Requ
 
 # --- responses -------------------------------------------------------------------------------
 
-def task_tensors(task: Task, names: set[str], outputs: list[dict[str, np.ndarray]], geometries: list[Any],
-                 served: ServedModel, options: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The task results requested in ``names``, as arrays with a batch axis."""
-    c = served.model.contract
-    out: dict[str, np.ndarray] = {}
-    if c.task == "detection" and names & set(TASK_OUTPUTS["detection"]):
-        found = [task.result(o, g, c, options)["detections"] for o, g in zip(outputs, geometries)]
-        k = max((len(f) for f in found), default=0)
-        n = len(found)
-        boxes, scores = np.zeros((n, k, 4), np.float32), np.zeros((n, k), np.float32)
-        classes, count = np.zeros((n, k), np.int64), np.zeros((n,), np.int32)
-        for i, dets in enumerate(found):
-            count[i] = len(dets)
-            for j, d in enumerate(dets):
-                boxes[i, j], scores[i, j], classes[i, j] = d["box"], d["score"], d["label_id"]
-        out.update(detection_boxes=boxes, detection_scores=scores, detection_classes=classes, num_detections=count)
-    if c.task == "segmentation" and "class_map" in names:
-        maps = [postprocess.class_map(o[c.outputs.masks], c.outputs.kind, g) for o, g in zip(outputs, geometries)]
-        h, w = max(m.shape[0] for m in maps), max(m.shape[1] for m in maps)
-        stacked = np.full((len(maps), h, w), CLASS_MAP_PAD, np.uint8)
-        for i, m in enumerate(maps):
-            stacked[i, :m.shape[0], :m.shape[1]] = m
-        out["class_map"] = stacked
-    return {k: v for k, v in out.items() if k in names}
-
-
-def response_tensors(request: InferRequest, task: Task, served: "ServedModel", outputs: list[dict[str, np.ndarray]],
-                     geometries: list[Any], options: dict[str, Any]) -> list[tuple[Requested, np.ndarray]]:
+def response_tensors(request: InferRequest, served: ServedModel, outputs: list[Outputs], geometries: list[Geometry],
+                     options: Mapping[str, Any]) -> list[tuple[Requested, np.ndarray]]:
     """Every requested output as an array: classification strings, task tensors or the graph's
     own; without named outputs, a graph output with no batch form (one-image graphs give each
     image as many boxes as it found) is left to the task tensors."""
-    tensors = task_tensors(task, {r.name for r in request.outputs}, outputs, geometries, served, options)
+    contract = served.model.contract
+    adapter = TASK_TENSORS[contract.task]
+    wanted = {r.name for r in request.outputs}
+    tensors = adapter.compute(outputs, geometries, contract, options) if wanted & set(adapter.outputs) else {}
     out = []
     for req in request.outputs:
         if req.classification is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -14,8 +14,10 @@ from PIL import Image
 
 from core.imaging import load_input
 from core.runtime import OnnxModel
-from tests.conftest import ARCHS, Server, start_server, stop_server
-from tests.service.helpers import get, jpeg, multipart_body, post, request, scene
+from tests.support.archs import ARCHS
+from tests.support.http import MULTIPART, get, multipart_body, post, request
+from tests.support.images import jpeg, scene
+from tests.support.servers import Server, start_server, stop_server
 
 CLASSIFIERS = [a for t, a, *_ in ARCHS if t == "classification"]
 
@@ -61,7 +63,8 @@ def test_greyscale_lenet_gets_uploads_converted(arch_server, tiny_arch_repo) -> 
     assert arr.shape == (32, 32, 1)
     logits = model.infer(arr[None])[0]["logits"].astype(np.float64)
     probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-    status, _, body = post(arch_server.url + "/classify", {"image": ("a.jpg", image)}, {"model": "lenet5", "top_k": "5"})
+    status, _, body = post(arch_server.url + "/classify", {"image": ("a.jpg", image)},
+                           {"model": "lenet5", "top_k": "5"})
     assert status == 200, body
     for item in body["labels"]:
         assert item["score"] == pytest.approx(probs[item["label_id"]], abs=2e-6)
@@ -83,10 +86,9 @@ def test_segmenters_are_served(arch_server, arch) -> None:
 def test_faster_rcnn_is_served_one_image_per_graph_call(arch_server) -> None:
     """A graph that takes exactly one image still answers a request of several, in order."""
     images = [jpeg(scene(90 + i, 160, 120).image) for i in range(3)]
-    body = multipart_body([("image", f"{i}.jpg", data) for i, data in enumerate(images)]
-                          + [("model", None, b"fasterrcnn-mobilenet-v3-large-320-fpn"), ("score_threshold", None, b"0")])
-    status, _, answer = request(arch_server.url, "POST", "/detect", body,
-                                {"Content-Type": "multipart/form-data; boundary=testboundary"})
+    options = [("model", None, b"fasterrcnn-mobilenet-v3-large-320-fpn"), ("score_threshold", None, b"0")]
+    body = multipart_body([("image", f"{i}.jpg", data) for i, data in enumerate(images)] + options)
+    status, _, answer = request(arch_server.url, "POST", "/detect", body, MULTIPART)
     assert status == 200, answer
     assert len(answer["results"]) == 3 and answer["timing"]["batch_size"] == 1
     for result in answer["results"]:

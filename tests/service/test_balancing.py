@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from service.balancing import Balancer, create_file
-from tests.conftest import ROOT, start_server, stop_server
-from tests.service.helpers import jpeg, multipart_body, scene
+from tests.support.http import multipart_body
+from tests.support.images import jpeg, scene
+from tests.support.servers import ROOT, start_server, stop_server
 
 
 def test_a_worker_holding_more_than_its_share_closes() -> None:
@@ -48,8 +50,10 @@ def _client(conn: http.client.HTTPConnection, body: bytes, headers: dict[str, st
     conn.close()
 
 
+@pytest.mark.slow
 def test_two_workers_both_serve_keep_alive_clients(tmp_path: Path) -> None:
-    srv = start_server(ROOT / "models", tmp_path / "serve.log", env={"CONVSERVE_DEVICE": "cpu", "CONVSERVE_WORKERS": "2"})
+    srv = start_server(ROOT / "models", tmp_path / "serve.log",
+                       env={"CONVSERVE_DEVICE": "cpu", "CONVSERVE_WORKERS": "2"})
     try:
         workers = psutil.Process(srv.proc.pid).children()
         assert len(workers) == 2

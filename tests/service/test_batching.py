@@ -21,7 +21,7 @@ def _run(coro, timeout: float = 10):
 
 def test_concurrent_requests_are_batched_and_answered_in_order() -> None:
     sizes = []
-    b = DynamicBatcher(_slow_double, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=0, max_queue=100,
+    b = DynamicBatcher(_slow_double, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=0, max_pending_images=100,
                        on_batch=lambda n, s: sizes.append(n))
 
     async def main():
@@ -36,7 +36,7 @@ def test_concurrent_requests_are_batched_and_answered_in_order() -> None:
 def test_queued_images_are_shared_among_free_runs() -> None:
     """Two runs free and two images queued: two batches of one at once, not one of two."""
     sizes = []
-    b = DynamicBatcher(_slow_double, ThreadPoolExecutor(2), max_batch=8, max_wait_ms=0, max_queue=100,
+    b = DynamicBatcher(_slow_double, ThreadPoolExecutor(2), max_batch=8, max_wait_ms=0, max_pending_images=100,
                        on_batch=lambda n, s: sizes.append(n), concurrency=2)
 
     async def main():
@@ -56,7 +56,8 @@ def test_queued_images_are_shared_among_free_runs() -> None:
 
 
 def test_an_idle_request_does_not_wait_for_company() -> None:
-    b = DynamicBatcher(lambda x: [{"y": v} for v in x], ThreadPoolExecutor(1), max_batch=8, max_wait_ms=0, max_queue=10)
+    b = DynamicBatcher(lambda x: [{"y": v} for v in x], ThreadPoolExecutor(1), max_batch=8, max_wait_ms=0,
+                       max_pending_images=10)
 
     async def main():
         t0 = time.perf_counter()
@@ -68,7 +69,7 @@ def test_an_idle_request_does_not_wait_for_company() -> None:
 
 
 def test_full_queue_answers_503_at_once() -> None:
-    b = DynamicBatcher(_slow_double, ThreadPoolExecutor(1), max_batch=2, max_wait_ms=0, max_queue=3)
+    b = DynamicBatcher(_slow_double, ThreadPoolExecutor(1), max_batch=2, max_wait_ms=0, max_pending_images=3)
 
     async def main():
         tasks = [asyncio.ensure_future(b.submit(np.zeros((1, 1, 3), np.uint8))) for _ in range(12)]
@@ -89,10 +90,11 @@ def test_model_failure_reaches_every_caller_and_batcher_survives() -> None:
             raise RuntimeError("boom")
         return [{"y": x[0, 0, 0]} for x in batch]
 
-    b = DynamicBatcher(flaky, ThreadPoolExecutor(1), max_batch=4, max_wait_ms=5, max_queue=10)
+    b = DynamicBatcher(flaky, ThreadPoolExecutor(1), max_batch=4, max_wait_ms=5, max_pending_images=10)
 
     async def main():
-        first = await asyncio.gather(*(b.submit(np.zeros((1, 1, 3), np.uint8)) for _ in range(2)), return_exceptions=True)
+        first = await asyncio.gather(*(b.submit(np.zeros((1, 1, 3), np.uint8)) for _ in range(2)),
+                                     return_exceptions=True)
         second = await b.submit(np.full((1, 1, 3), 7, np.uint8))
         return first, second
 
@@ -106,10 +108,11 @@ def test_a_broken_output_split_is_an_error_for_every_caller_not_a_hang(broken) -
     def run(batch):
         return [{"y": batch[0]}] if broken == "too_few_results" else {"y": batch}
 
-    b = DynamicBatcher(run, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=5, max_queue=10)
+    b = DynamicBatcher(run, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=5, max_pending_images=10)
 
     async def main():
-        return await asyncio.gather(*(b.submit(np.zeros((1, 1, 3), np.uint8)) for _ in range(3)), return_exceptions=True)
+        return await asyncio.gather(*(b.submit(np.zeros((1, 1, 3), np.uint8)) for _ in range(3)),
+                                    return_exceptions=True)
 
     results = _run(main())
     assert len(results) == 3 and all(isinstance(r, Exception) for r in results)
@@ -120,7 +123,7 @@ def test_a_failing_callback_does_not_fail_or_hang_the_requests() -> None:
         raise ValueError("metrics backend down")
 
     b = DynamicBatcher(lambda x: [{"y": v} for v in x], ThreadPoolExecutor(1), max_batch=4, max_wait_ms=0,
-                       max_queue=10, on_batch=on_batch)
+                       max_pending_images=10, on_batch=on_batch)
 
     async def main():
         first = await asyncio.gather(*(b.submit(np.zeros((1, 1, 3), np.uint8)) for _ in range(3)))
@@ -133,7 +136,7 @@ def test_a_failing_callback_does_not_fail_or_hang_the_requests() -> None:
 
 def test_an_idle_run_can_be_claimed_outside_the_queue_and_is_given_back() -> None:
     batches = []
-    b = DynamicBatcher(_slow_double, ThreadPoolExecutor(2), max_batch=8, max_wait_ms=0, max_queue=100,
+    b = DynamicBatcher(_slow_double, ThreadPoolExecutor(2), max_batch=8, max_wait_ms=0, max_pending_images=100,
                        on_batch=lambda n, s: batches.append(n), concurrency=2)
 
     async def main() -> list[BatchResult]:

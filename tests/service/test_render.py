@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from service.render import colour
-from tests.service.helpers import jpeg, post, request, scene
+from tests.support.http import post, request
+from tests.support.images import jpeg, scene
 
 
 def _image(body: bytes) -> Image.Image:
@@ -70,15 +71,26 @@ def test_classification_with_cam_is_drawn(server) -> None:
 @pytest.mark.parametrize("query,message", [("render=gif", "render: must be png, jpeg, true or false"),
                                            ("render=png&top_k=0", "top_k: must be >= 1")])
 def test_bad_render_requests_are_422(server, query, message) -> None:
-    status, _, body = request(server.url, "POST", f"/classify?{query}", jpeg(scene(403).image), {"Content-Type": "image/jpeg"})
+    status, _, body = request(server.url, "POST", f"/classify?{query}", jpeg(scene(403).image),
+                              {"Content-Type": "image/jpeg"})
     assert status == 422 and body["error"]["message"].startswith(message)
 
 
 def test_render_answers_one_image(server) -> None:
-    from tests.service.helpers import multipart_body
+    from tests.support.http import MULTIPART, multipart_body
 
     body = multipart_body([("image", "a.jpg", jpeg(scene(404).image)), ("image", "b.jpg", jpeg(scene(405).image)),
                            ("render", None, b"png")])
-    status, _, answer = request(server.url, "POST", "/detect", body,
-                                {"Content-Type": "multipart/form-data; boundary=testboundary"})
+    status, _, answer = request(server.url, "POST", "/detect", body, MULTIPART)
     assert status == 422 and "one image; this request has 2" in answer["error"]["message"]
+
+
+def test_a_very_large_image_is_drawn_reduced(server) -> None:
+    """Over service.render.MAX_PIXELS (16 MP), the canvas is reduced by a whole factor: a
+    24 MP upload comes back at half its size, the boxes where the JSON says at that scale."""
+    big = scene(406, 600, 400).image.resize((6000, 4000))
+    data = jpeg(big)
+    _, _, answer = post(server.url + "/detect", {"image": ("a.jpg", data)})
+    status, headers, body = request(server.url, "POST", "/detect?render=png", data, {"Content-Type": "image/jpeg"})
+    assert status == 200 and _image(body).size == (3000, 2000)
+    assert answer["image"] == {"width": 6000, "height": 4000, "format": "JPEG"}

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from core import __version__
-from tests.conftest import ROOT, start_server, stop_server
-from tests.service.helpers import get, jpeg, multipart_body, post, raw_exchange, request, scene
+from tests.support.http import BOUNDARY, MULTIPART, get, multipart_body, post, raw_exchange, request
+from tests.support.images import jpeg, scene
+from tests.support.servers import ROOT, start_server, stop_server
 
-BOUNDARY = "testboundary"
-MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+pytestmark = pytest.mark.slow  # every test talks to a server it starts
 
 
 def _ok(url: str) -> None:
@@ -79,56 +79,59 @@ def test_raw_body_and_multi_image_answer_like_single_multipart(server, endpoint,
 def test_file_names_are_ignored_whatever_they_hold(server) -> None:
     """A newline, quotes or a path in a file name: the name is never used, the image is served."""
     data = jpeg(scene(3).image)
-    for tail in ('; filename="a\nb.jpg"', '; filename="../../etc/passwd"', '; filename=""', f'; filename="{"n" * 3000}"'):
-        body = _part("image", tail, data) + f"--{BOUNDARY}--\r\n".encode()
+    for name in ("a\nb.jpg", "../../etc/passwd", "", "n" * 3000):
+        body = multipart_body([("image", name, data)])
         status, _, answer = request(server.url, "POST", "/classify", body, MULTIPART)
-        assert status == 200 and answer["labels"], (tail, answer)
+        assert status == 200 and answer["labels"], (name, answer)
 
 
 def test_an_image_sent_as_a_text_field_is_data(server) -> None:
     """curl -F 'image=<file' sends the file as a text field (no filename): still an image."""
     data = jpeg(scene(3).image)
-    status, _, with_name = request(server.url, "POST", "/classify", multipart_body([("image", "a.jpg", data)]), MULTIPART)
-    status2, _, without = request(server.url, "POST", "/classify", multipart_body([("image", None, data)]), MULTIPART)
+    status, _, with_name = request(server.url, "POST", "/classify", multipart_body([("image", "a.jpg", data)]),
+                                   MULTIPART)
+    status2, _, without = request(server.url, "POST", "/classify", multipart_body([("image", None, data)]),
+                                  MULTIPART)
     assert status == status2 == 200 and with_name["labels"] == without["labels"]
 
 
 # --- malformed requests ------------------------------------------------------------------
 
-def _part(name: str, disposition_tail: str, data: bytes) -> bytes:
-    return f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"{disposition_tail}\r\n\r\n'.encode() + data + b"\r\n"
-
-
 MALFORMED = {
     # (headers, body) -> (status, type)
-    "carriage_return_in_filename": (MULTIPART, _part("image", '; filename="a\r.jpg"', b"x") + f"--{BOUNDARY}--\r\n".encode(),
+    "carriage_return_in_filename": (MULTIPART, multipart_body([("image", "a\r.jpg", b"x")]),
                                     400, "malformed_request"),
-    "very_long_filename": (MULTIPART, _part("image", f'; filename="{"a" * 10000}.jpg"', b"x") + f"--{BOUNDARY}--\r\n".encode(),
+    "very_long_filename": (MULTIPART, multipart_body([("image", "a" * 10000 + ".jpg", b"x")]),
                            400, "malformed_request"),
     "file_under_another_name": (MULTIPART, multipart_body([("file", "a.jpg", b"\xff\xd8" + b"x" * 5000)]),
                                 422, "invalid_parameter"),
-    "image_as_text_url": (MULTIPART, multipart_body([("image", None, b"http://127.0.0.1:9/x.jpg")]), 400, "invalid_image"),
+    "image_as_text_url": (MULTIPART, multipart_body([("image", None, b"http://127.0.0.1:9/x.jpg")]),
+                          400, "invalid_image"),
     "broken_boundary": (MULTIPART, multipart_body([("image", "a.jpg", b"x")], boundary="otherboundary"),
                         400, "malformed_request"),
     "no_parts": (MULTIPART, f"--{BOUNDARY}--\r\n".encode(), 422, "invalid_parameter"),
     "empty_multipart_body": (MULTIPART, b"", 400, "malformed_request"),
-    "no_closing_boundary": (MULTIPART, _part("image", '; filename="a.jpg"', b"x"), 400, "malformed_request"),
+    "no_closing_boundary": (MULTIPART, multipart_body([("image", "a.jpg", b"x")], close=False),
+                            400, "malformed_request"),
     "multipart_without_boundary": ({"Content-Type": "multipart/form-data"}, b"--x\r\n", 400, "malformed_request"),
-    "part_without_disposition": (MULTIPART, f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n\r\nxx\r\n--{BOUNDARY}--\r\n".encode(),
+    "part_without_disposition": (MULTIPART,
+                                 f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n\r\nxx\r\n--{BOUNDARY}--\r\n".encode(),
                                  400, "malformed_request"),
     "no_content_type": ({}, b"abc", 415, "unsupported_media_type"),
     "json_body": ({"Content-Type": "application/json"}, b'{"image": "x"}', 415, "unsupported_media_type"),
     "text_body": ({"Content-Type": "text/plain"}, b"hello", 415, "unsupported_media_type"),
     "empty_raw_body": ({"Content-Type": "image/jpeg"}, b"", 422, "invalid_parameter"),
-    "raw_body_not_an_image": ({"Content-Type": "application/octet-stream"}, b"not an image at all", 400, "invalid_image"),
+    "raw_body_not_an_image": ({"Content-Type": "application/octet-stream"}, b"not an image at all",
+                              400, "invalid_image"),
     "unknown_option": (MULTIPART, None, 422, "invalid_parameter"),
     "duplicate_option": (MULTIPART, None, 422, "invalid_parameter"),
     "option_too_long": (MULTIPART, None, 422, "invalid_parameter"),
     "option_not_utf8": (MULTIPART, None, 422, "invalid_parameter"),
-    "query_with_multipart": (MULTIPART, None, 422, "invalid_parameter"),
-    "too_many_parts": (MULTIPART, b"".join(_part(f"f{i}", "", b"1") for i in range(70)) + f"--{BOUNDARY}--\r\n".encode(),
+    "option_in_query_and_form": (MULTIPART, None, 422, "invalid_parameter"),
+    "too_many_parts": (MULTIPART, multipart_body([(f"f{i}", None, b"1") for i in range(70)]),
                        400, "malformed_request"),
-    "huge_part_headers": (MULTIPART, f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"\r\nX-Pad: {'p' * 6000}\r\n\r\nx\r\n--{BOUNDARY}--\r\n".encode(),
+    "huge_part_headers": (MULTIPART, f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"\r\n"
+                                     f"X-Pad: {'p' * 6000}\r\n\r\nx\r\n--{BOUNDARY}--\r\n".encode(),
                           400, "malformed_request"),
 }
 
@@ -141,9 +144,9 @@ def _malformed_body(case: str) -> tuple[bytes, str]:
         "duplicate_option": multipart_body([("image", "a.jpg", good), ("top_k", None, b"3"), ("top_k", None, b"4")]),
         "option_too_long": multipart_body([("image", "a.jpg", good), ("model", None, b"m" * 5000)]),
         "option_not_utf8": multipart_body([("image", "a.jpg", good), ("model", None, b"\xff\xfe")]),
-        "query_with_multipart": multipart_body([("image", "a.jpg", good)]),
+        "option_in_query_and_form": multipart_body([("image", "a.jpg", good), ("top_k", None, b"3")]),
     }[case]
-    if case == "query_with_multipart":
+    if case == "option_in_query_and_form":
         path = "/classify?top_k=2"
     return body, path
 
@@ -211,7 +214,8 @@ def test_chunked_upload_over_the_limit_is_refused_without_being_stored(strict) -
     with pytest.raises(OSError):  # the server answers and closes while we are still sending...
         request(strict.url, "POST", "/classify", chunks(), {"Content-Type": "image/jpeg"}, chunked=True)
     assert sent["bytes"] < 200 * 65536
-    status, headers, body = raw_exchange(strict.url, b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+    status, headers, body = raw_exchange(strict.url, b"POST /classify HTTP/1.1\r\nHost: x\r\n"
+                                         b"Content-Type: image/jpeg\r\n"
                                          b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(
                                              f"{65536:x}\r\n".encode() + b"\x00" * 65536 + b"\r\n" for _ in range(6)))
     assert status == 413 and body["error"]["type"] == "payload_too_large" and headers.get("connection") == "close"
@@ -220,8 +224,8 @@ def test_chunked_upload_over_the_limit_is_refused_without_being_stored(strict) -
 
 
 def test_declared_length_over_the_limit_is_refused_before_the_body(strict) -> None:
-    status, headers, body = raw_exchange(strict.url, b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                                         b"Content-Length: 50000000\r\n\r\n")
+    status, headers, body = raw_exchange(strict.url, b"POST /classify HTTP/1.1\r\nHost: x\r\n"
+                                         b"Content-Type: image/jpeg\r\nContent-Length: 50000000\r\n\r\n")
     assert status == 413 and body["error"]["type"] == "payload_too_large"
     _ok(strict.url)
 
@@ -230,15 +234,16 @@ def test_too_many_images(strict) -> None:
     data = jpeg(scene(5, 64, 48).image)
     body = multipart_body([("image", f"{i}.jpg", data) for i in range(4)])
     _error(request(strict.url, "POST", "/classify", body, MULTIPART), 413, "too_many_images")
-    status, _, ok = request(strict.url, "POST", "/classify", multipart_body([("image", f"{i}.jpg", data) for i in range(3)]),
-                            MULTIPART)
+    three = multipart_body([("image", f"{i}.jpg", data) for i in range(3)])
+    status, _, ok = request(strict.url, "POST", "/classify", three, MULTIPART)
     assert status == 200 and len(ok["results"]) == 3
 
 
 def test_a_body_that_never_arrives_times_out_with_408(strict) -> None:
     t0 = time.time()
-    status, headers, body = raw_exchange(strict.url, b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                                         b"Content-Length: 1000\r\n\r\nonly a little", timeout=20)
+    status, headers, body = raw_exchange(strict.url, b"POST /classify HTTP/1.1\r\nHost: x\r\n"
+                                         b"Content-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\nonly a little",
+                                         timeout=20)
     assert status == 408 and body["error"]["type"] == "request_timeout" and 1.5 < time.time() - t0 < 10
     _ok(strict.url)
 
@@ -246,7 +251,8 @@ def test_a_body_that_never_arrives_times_out_with_408(strict) -> None:
 def test_a_client_that_hangs_up_mid_body_leaves_the_server_serving(strict) -> None:
     for _ in range(5):
         with socket.create_connection(("127.0.0.1", int(strict.url.rsplit(":", 1)[1]))) as s:
-            s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\nabc")
+            s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                      b"Content-Length: 100000\r\n\r\nabc")
     _ok(strict.url)
 
 
@@ -261,13 +267,14 @@ def test_a_full_worker_queues_unread_then_refuses_before_reading_the_body(tmp_pa
     try:
         host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
         data = jpeg(scene(6).image)
-        request_head = f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n"
+        request_head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                        f"Content-Length: {len(data)}\r\n\r\n")
         holder = socket.create_connection((host, port), timeout=30)
         holder.sendall(request_head.encode() + data[:100])
         time.sleep(0.5)  # the first request is admitted and reading its body
         t0 = time.time()
-        status, headers, body = raw_exchange(srv.url, b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                                             b"Content-Length: 30000000\r\n\r\n")
+        status, headers, body = raw_exchange(srv.url, b"POST /classify HTTP/1.1\r\nHost: x\r\n"
+                                             b"Content-Type: image/jpeg\r\nContent-Length: 30000000\r\n\r\n")
         waited = time.time() - t0
         assert status == 503 and body["error"]["type"] == "overloaded", body
         assert headers.get("retry-after") == "1" and headers.get("connection") == "close"
@@ -290,12 +297,13 @@ def test_a_full_worker_queues_unread_then_refuses_before_reading_the_body(tmp_pa
 def test_openapi_describes_what_the_routes_really_do(server) -> None:
     status, _, spec = get(server.url + "/docs.json")
     assert status == 200
-    from core.tasks import ENDPOINTS
+    from service.endpoints import ENDPOINTS
 
     for endpoint, option in (("classify", "top_k"), ("detect", "score_threshold"), ("segment", "mask_format"),
                              ("embed", "model")):
         op = spec["paths"][f"/{endpoint}"]["post"]
-        options = {o.name for o in ENDPOINTS[endpoint].options} | {"render"}
+        options = ({o.name for o in ENDPOINTS[endpoint].options}
+                   | ({"render"} if ENDPOINTS[endpoint].drawable else set()))
         assert option in options
         content = op["requestBody"]["content"]
         assert set(content) == {"multipart/form-data", "image/*", "application/octet-stream"}
@@ -313,6 +321,6 @@ def test_openapi_describes_what_the_routes_really_do(server) -> None:
     infer = spec["paths"]["/v2/models/{name}/infer"]["post"]
     assert set(infer["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
     assert {"400", "404", "413", "503"} <= set(infer["responses"])
-    assert spec["paths"]["/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "/ModelList")
+    models = spec["paths"]["/models"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert models["schema"]["$ref"].endswith("/ModelList")
     assert spec["paths"]["/classify"]["post"]["parameters"][1]["schema"]["maximum"] == 1000

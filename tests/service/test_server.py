@@ -11,9 +11,12 @@ import pytest
 from PIL import Image
 
 from loadtest.images import decompression_bomb_png
-from tests.conftest import start_server, stop_server
-from tests.service.helpers import box_iou, get, jpeg, post, scene
+from tests.support.http import get, post
+from tests.support.images import iou, jpeg, scene
+from tests.support.servers import start_server, stop_server
 from training.synthetic import SHAPES, render_scene
+
+pytestmark = pytest.mark.slow  # every test talks to a server it starts
 
 
 def _ok(server) -> None:
@@ -37,7 +40,8 @@ def test_health_and_models(server) -> None:
 def test_start_up_logs_the_providers_each_model_got(server) -> None:
     text = server.log_text()
     for name in ("shapes-classifier", "shapes-detector", "shapes-segmenter"):
-        assert re.search(rf"loaded {name}:1 \(\w+\) from \S+model.onnx on \['CPUExecutionProvider'\]", text), text[-2000:]
+        line = rf"loaded {name}:1 \(\w+\) from \S+model.onnx on \['CPUExecutionProvider'\]"
+        assert re.search(line, text), text[-2000:]
 
 
 def test_classify_right_class(server) -> None:
@@ -68,7 +72,7 @@ def test_detect_boxes_overlap_the_true_ones(server) -> None:
         assert status == 200, body
         for box, label in _true_boxes(sc):
             total += 1
-            found += any(d["label"] == label and box_iou(d["box"], box) >= 0.5 for d in body["detections"])
+            found += any(d["label"] == label and iou(d["box"], box) >= 0.5 for d in body["detections"])
         for d in body["detections"]:
             assert 0 <= d["box"][0] <= d["box"][2] <= 320 and 0 <= d["box"][1] <= d["box"][3] <= 240
     assert found / total >= 0.8, (found, total)
@@ -76,7 +80,8 @@ def test_detect_boxes_overlap_the_true_ones(server) -> None:
 
 def test_detect_parameters_are_applied(server) -> None:
     data = jpeg(scene(1001).image)
-    _, _, many = post(server.url + "/detect", {"image": ("d.jpg", data)}, {"score_threshold": "0.0", "max_detections": "7"})
+    _, _, many = post(server.url + "/detect", {"image": ("d.jpg", data)},
+                      {"score_threshold": "0.0", "max_detections": "7"})
     assert len(many["detections"]) == 7
     scores = [d["score"] for d in many["detections"]]
     assert scores == sorted(scores, reverse=True)
@@ -94,7 +99,7 @@ def test_exif_rotated_upload_gives_rotated_coordinates(server) -> None:
     assert a["image"]["width"] == b["image"]["width"] == 320 and b["image"]["height"] == 240
     assert a["detections"]
     for d in a["detections"]:
-        assert any(box_iou(d["box"], e["box"]) > 0.8 and d["label"] == e["label"] for e in b["detections"])
+        assert any(iou(d["box"], e["box"]) > 0.8 and d["label"] == e["label"] for e in b["detections"])
 
 
 def test_segment_masks_match_the_truth(server) -> None:
@@ -146,8 +151,8 @@ def test_segment_polygons_and_png_describe_the_rle_masks(server) -> None:
         truth = mask_utils.decode({"size": r["rle"]["size"], "counts": r["rle"]["counts"].encode()}).astype(bool)
         assert p["polygons"] and all(len(ring) >= 6 and len(ring) % 2 == 0 for ring in p["polygons"])
         drawn = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(p["polygons"], 200, 256))).astype(bool)
-        iou = (drawn & truth).sum() / (drawn | truth).sum()
-        assert iou >= 0.85, (r["label"], iou)
+        overlap = iou(drawn, truth)
+        assert overlap >= 0.85, (r["label"], overlap)
         assert p["area"] == r["area"] and p["bbox"] == r["bbox"]
     cmap = np.asarray(Image.open(io.BytesIO(base64.b64decode(png["mask_png"]))))
     assert cmap.shape == (200, 256)
@@ -159,7 +164,8 @@ def test_segment_polygons_and_png_describe_the_rle_masks(server) -> None:
 
 def test_score_threshold_filters_and_keeps_the_rest_unchanged(server) -> None:
     data = jpeg(scene(1002).image)
-    _, _, all_ = post(server.url + "/detect", {"image": ("d.jpg", data)}, {"score_threshold": "0.0", "max_detections": "100"})
+    _, _, all_ = post(server.url + "/detect", {"image": ("d.jpg", data)},
+                      {"score_threshold": "0.0", "max_detections": "100"})
     _, _, high = post(server.url + "/detect", {"image": ("d.jpg", data)}, {"score_threshold": "0.5"})
     assert len(all_["detections"]) == 100 and all(d["score"] >= 0.5 for d in high["detections"])
     assert high["detections"] == [d for d in all_["detections"] if d["score"] >= 0.5]
@@ -292,12 +298,14 @@ def test_overload_is_an_explicit_503_with_retry_after(tmp_path: Path) -> None:
     try:
         data = jpeg(scene(9, 640, 480).image)
         with ThreadPoolExecutor(24) as pool:
-            results = list(pool.map(lambda _: post(srv.url + "/segment", {"image": ("o.jpg", data)}, timeout=60), range(24)))
+            results = list(pool.map(lambda _: post(srv.url + "/segment", {"image": ("o.jpg", data)}, timeout=60),
+                                    range(24)))
         shed = [(h, b) for s, h, b in results if s == 503]
         assert shed and len(shed) < 24, [s for s, _, _ in results]
         assert all(s in (200, 503) for s, _, _ in results)
         for headers, body in shed:
-            assert body["error"]["type"] == "overloaded" and (headers.get("retry-after") or headers.get("Retry-After")) == "1"
+            assert body["error"]["type"] == "overloaded"
+            assert (headers.get("retry-after") or headers.get("Retry-After")) == "1"
         _ok(srv)
     finally:
         stop_server(srv.proc)
@@ -337,7 +345,8 @@ def test_class_activation_maps_light_up_the_shape(server) -> None:
     hotter, inside, outside = 0, [], []
     for seed in range(20):
         sc = _shape_scene(970 + seed, seed % len(SHAPES), 200)
-        status, _, body = post(server.url + "/classify", {"image": ("s.jpg", jpeg(sc.image))}, {"cam": "true", "top_k": "1"})
+        status, _, body = post(server.url + "/classify", {"image": ("s.jpg", jpeg(sc.image))},
+                               {"cam": "true", "top_k": "1"})
         assert status == 200, body
         (best,) = body["labels"]
         heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(best["heatmap_png"])))).astype(float)

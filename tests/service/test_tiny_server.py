@@ -17,9 +17,12 @@ from core.contract import METADATA_KEY, ModelContract
 from core.runtime import OnnxModel
 from service.pipeline import preprocess
 from service.settings import Settings
-from tests.conftest import start_server
-from tests.service.helpers import jpeg, post, scene
+from tests.support.http import post
+from tests.support.images import jpeg, scene
+from tests.support.servers import start_server
 from training.datasets import ImageFolderDataset
+
+pytestmark = pytest.mark.slow  # every test trains, exports or starts a server
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -69,7 +72,8 @@ def test_training_loader_and_service_see_identical_arrays(tiny_server, tiny_serv
         for label_id, score in got.items():
             assert score == pytest.approx(probs[label_id], abs=2e-6), sample.image.name
     rotated = next(s for s in ds.samples if s.image.name == "rotated.jpg")
-    _, _, body = post(tiny_server.url + "/classify", {"image": ("r.jpg", rotated.image.read_bytes())}, {"model": "tiny-cls"})
+    _, _, body = post(tiny_server.url + "/classify", {"image": ("r.jpg", rotated.image.read_bytes())},
+                      {"model": "tiny-cls"})
     assert body["image"] == {"width": 90, "height": 70, "format": "JPEG"}  # upright size, as displayed
 
 
@@ -118,9 +122,11 @@ def _with_contract(src: Path, dst: Path, edit) -> Path:
     (lambda d: d["input"].update(normalized_in_graph=False), "input.normalized_in_graph: false is not supported"),
 ])
 def test_a_contract_error_stops_start_up_with_one_line(tiny_repo, tmp_path, edit, field) -> None:
-    bad = _with_contract(tiny_repo / "tiny-cls" / "1" / "model.onnx", tmp_path / "repo" / "bad" / "1" / "model.onnx", edit)
+    bad = _with_contract(tiny_repo / "tiny-cls" / "1" / "model.onnx", tmp_path / "repo" / "bad" / "1" / "model.onnx",
+                         edit)
+    document = {p.key: p.value for p in onnx.load(str(bad)).metadata_props}[METADATA_KEY]
     with pytest.raises(ValueError):  # the document really is invalid
-        ModelContract.from_json(json.dumps(json.loads({p.key: p.value for p in onnx.load(str(bad)).metadata_props}[METADATA_KEY])))
+        ModelContract.from_json(json.dumps(json.loads(document)))
     lines, log = _refused_start_up(tmp_path)
     assert lines == [f"convserve: cannot start: {bad}: invalid model: {field}" + lines[0].split(field, 1)[1]], log
     assert "Traceback" not in log
@@ -181,20 +187,23 @@ def test_a_model_onnx_runtime_cannot_load_stops_start_up_with_one_line(tmp_path)
     proto.ir_version = 99  # a file from a newer exporter than this ONNX Runtime reads
     onnx.save(proto, str(path))
     lines, log = _refused_start_up(tmp_path)
-    assert len(lines) == 1 and lines[0].startswith(f"convserve: cannot start: {path}: invalid model: ONNX Runtime cannot load it")
+    assert len(lines) == 1
+    assert lines[0].startswith(f"convserve: cannot start: {path}: invalid model: ONNX Runtime cannot load it")
     assert "Traceback" not in log
 
 
 def test_a_model_that_fails_its_warm_up_stops_start_up_with_one_line(tmp_path) -> None:
-    path = _one_row_classifier(tmp_path / "repo" / "fails" / "1" / "model.onnx", threshold=100.0)  # grey 114 is "bright"
+    # grey 114 is "bright"
+    path = _one_row_classifier(tmp_path / "repo" / "fails" / "1" / "model.onnx", threshold=100.0)
     lines, log = _refused_start_up(tmp_path)
-    assert len(lines) == 1 and lines[0].startswith(f"convserve: cannot start: {path}: the model fails on a warm-up batch")
+    assert len(lines) == 1
+    assert lines[0].startswith(f"convserve: cannot start: {path}: the model fails on a warm-up batch")
     assert "Traceback" not in log
 
 
 def test_a_failing_output_split_is_a_500_json_not_a_hang(tmp_path) -> None:
-    from tests.conftest import stop_server
-    from tests.service.helpers import multipart_body, request
+    from tests.support.http import MULTIPART, multipart_body, request
+    from tests.support.servers import stop_server
 
     _one_row_classifier(tmp_path / "repo" / "one-row" / "1" / "model.onnx")
     # One inference thread, so the three images queued together run as one batch of three.
@@ -204,7 +213,7 @@ def test_a_failing_output_split_is_a_500_json_not_a_hang(tmp_path) -> None:
         data = jpeg(Image.new("RGB", (64, 48), (250, 250, 250)))  # bright: the graph returns one row
         status, _, body = request(srv.url, "POST", "/classify",
                                   multipart_body([("image", f"{i}.jpg", data) for i in range(3)]),
-                                  {"Content-Type": "multipart/form-data; boundary=testboundary"}, timeout=30)
+                                  MULTIPART, timeout=30)
         assert status == 500 and body["error"]["type"] == "internal", body  # one batch of 3 -> one row back
         status, _, body = post(srv.url + "/classify", {"image": ("x.jpg", data)})
         assert status == 200 and len(body["labels"]) == 2, body  # the batcher is alive; a batch of one works

@@ -17,8 +17,9 @@ from tritonclient.utils import InferenceServerException
 
 from core.imaging import load_input
 from core.runtime import OnnxModel
-from tests.conftest import SHIPPED_MODELS
-from tests.service.helpers import jpeg, post, request, scene
+from tests.support.http import post, request
+from tests.support.images import jpeg, scene
+from tests.support.servers import SHIPPED_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,8 @@ def test_uint8_tensor_in_raw_outputs_out(client) -> None:
 
 def test_segmentation_class_map_equals_segment(server, client) -> None:
     data = jpeg(scene(330, 240, 200).image)
-    result = client.infer("shapes-segmenter", [_bytes_input([data])], outputs=[triton.InferRequestedOutput("class_map")])
+    result = client.infer("shapes-segmenter", [_bytes_input([data])],
+                          outputs=[triton.InferRequestedOutput("class_map")])
     cmap = result.as_numpy("class_map")
     _, _, want = post(server.url + "/segment", {"image": ("a.jpg", data)}, {"mask_format": "png"})
     png = np.asarray(Image.open(io.BytesIO(base64.b64decode(want["mask_png"]))))
@@ -139,7 +141,8 @@ def _error(call) -> str:
 def test_bad_requests_are_named_and_the_next_is_served(client, make, status, message) -> None:
     text = _error(lambda: client.infer("shapes-classifier", [make()]))
     assert f"[{status}]" in text and message in text, text
-    assert client.infer("shapes-classifier", [_bytes_input([jpeg(scene(360).image)])]).as_numpy("logits").shape == (1, 5)
+    result = client.infer("shapes-classifier", [_bytes_input([jpeg(scene(360).image)])])
+    assert result.as_numpy("logits").shape == (1, 5)
 
 
 def test_unknown_output_model_and_version(client) -> None:
@@ -163,7 +166,8 @@ def test_hand_made_requests(server) -> None:
                               {"Content-Type": "application/json", "Inference-Header-Content-Length": "999"})
     assert status == 400 and "Inference-Header-Content-Length is 999" in body["error"]
     data = jpeg(scene(380).image)
-    doc = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [{"b64": base64.b64encode(data).decode()}]}],
+    doc = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                       "data": [{"b64": base64.b64encode(data).decode()}]}],
            "outputs": [{"name": "logits", "parameters": {"classification": 2}}], "id": "req-7"}
     status, headers, body = request(server.url, "POST", "/v2/models/shapes-classifier/infer", json.dumps(doc).encode(),
                                     {"Content-Type": "application/json"})

@@ -6,10 +6,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from export.quantize import quantize
-from tests.conftest import ROOT, start_server, stop_server
-from tests.service.helpers import get, post
+from tests.support.http import get, post
+from tests.support.servers import ROOT, start_server, stop_server
 from training.synthetic import write_classification
+
+pytestmark = pytest.mark.slow  # quantizes and starts a server
 
 
 def test_int8_version_is_served_beside_fp32(tiny_data: Path, tmp_path: Path) -> None:

@@ -1,0 +1,179 @@
+"""The raw ASGI request path of convserve's own routes: admission, a typed answer, errors.
+
+The inference routes are plain ASGI handlers: they read their own bodies (service.uploads),
+after admission control (service.admission) has had its say. They are registered as FastAPI
+routes only for their OpenAPI description (which BentoML merges into /docs.json); serving
+them skips FastAPI's per-request machinery (:class:`RawRoute`), which with BentoML's stack
+around it made the event loop, and the GIL it holds, the bottleneck of a worker.
+
+:func:`serve_admitted` is the path every admitted request takes: admit, run the handler (a
+:data:`Handler` gets the :class:`~service.worker.Worker` and the :class:`Call`, and returns
+an :class:`Answer`), map any failure to an error answer, linger over an unread body before a
+413, send, log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi.routing import APIRoute
+from starlette.types import Receive, Scope, Send
+
+from service import metrics
+from service.admission import Ticket
+from service.errors import V2Error, client_error, error_json, send_response
+from service.uploads import TrackedReceive, discard_body
+from service.worker import Worker, worker_of
+
+log = logging.getLogger("convserve.app")
+access = logging.getLogger("convserve.access")
+
+Headers = list[tuple[bytes, bytes]]
+LINGER_BYTES = 8 * 1024 * 1024  # body bytes read and dropped before a 413, so the client reads the answer
+# Refusals that close the connection: the rest of the body is not worth reading.
+CLOSING_STATUSES = (401, 408, 413, 503)
+
+
+@dataclass
+class Answer:
+    """A whole response: status, body, content type and extra headers."""
+
+    status: int
+    body: bytes
+    content_type: bytes = b"application/json"
+    headers: Headers = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One admitted request as a handler sees it: its scope, headers (lower-case names),
+    query options, the body's ``receive`` and the admission ticket its body bytes grow."""
+
+    scope: Scope
+    headers: dict[str, str]
+    query: dict[str, str]
+    receive: TrackedReceive
+    ticket: Ticket
+
+    @property
+    def path_params(self) -> dict[str, str]:
+        return self.scope.get("path_params", {})
+
+
+Handler = Callable[[Worker, Call], Awaitable[Answer]]
+
+
+def header_dict(scope: Scope) -> dict[str, str]:
+    """The request's headers by lower-case name (the last of repeated ones)."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def query_dict(raw: bytes) -> dict[str, str]:
+    return dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True)) if raw else {}
+
+
+def _declared_length(headers: dict[str, str]) -> int | None:
+    length = headers.get("content-length", "")
+    return int(length) if length.isascii() and length.isdigit() else None
+
+
+async def serve_admitted(scope: Scope, receive: Receive, send: Send, route: str, handle: Handler,
+                         v2_errors: bool = False) -> None:
+    """Admit the request, run ``handle``, answer its failures in the error shape (v2's under
+    /v2), and free the admission slot whatever happens."""
+    worker = worker_of(scope["app"])
+    headers = header_dict(scope)
+    tracked = TrackedReceive(receive)
+    started = time.perf_counter()
+    declared = _declared_length(headers)
+    ticket: Ticket | None = None
+    try:
+        ticket = await worker.admission.admit(declared)
+        _publish(worker)
+        answer = await handle(worker, Call(scope, headers, query_dict(scope["query_string"]), tracked, ticket))
+        if worker.balancer is not None and worker.balancer.should_close(worker.admission.requests):
+            answer.headers.append((b"connection", b"close"))  # the client reconnects, maybe to another worker
+            metrics.rebalanced()
+    except Exception as exc:
+        # A refusal at admission (503) closes the connection without reading the body. Tried and
+        # measured: reading small bodies and keeping the connection let clients retry at once on
+        # it, and under 4x overload the event-loop-bound classifier then spent itself on refusals
+        # (goodput 0.27 of the sustained rate, against 0.81 when refused connections close: the
+        # clients' reconnections then wait in the kernel's listen backlog, at no cost to us).
+        answer, type_ = failure_answer(exc, route, v2_errors)
+        metrics.error(route, type_)
+    finally:
+        if ticket is not None:
+            ticket.release()
+            _publish(worker)
+    # Refused by its declared length while the body still arrives: read a bounded amount so the
+    # client reads the answer (a chunked body over the limit is cut off at once).
+    if answer.status == 413 and ticket is not None and declared is not None and declared <= LINGER_BYTES:
+        await _linger(tracked, answer)
+    await send_response(send, answer.status, answer.body, answer.content_type, answer.headers)
+    if worker.settings.access_log:
+        access.info("%s %s %d %.1f ms %d bytes", scope["method"], scope["path"], answer.status,
+                    (time.perf_counter() - started) * 1e3, len(answer.body))
+
+
+def _publish(worker: Worker) -> None:
+    if worker.balancer is not None:
+        worker.balancer.publish(worker.admission.requests)
+
+
+async def _linger(receive: TrackedReceive, answer: Answer) -> None:
+    """Drop what is left of the body (bounded) before a 413: uvicorn closes the connection as
+    soon as a ``Connection: close`` answer is sent, and the client would see a broken pipe."""
+    await discard_body(receive, LINGER_BYTES)
+    if not receive.ended and not any(k == b"connection" for k, _ in answer.headers):
+        answer.headers.append((b"connection", b"close"))  # the body did not end in time: this connection is done
+
+
+def failure_answer(exc: Exception, route: str, v2_shape: bool) -> tuple[Answer, str]:
+    """The error answer for a failed request and its error type; refusals close the connection."""
+    if isinstance(exc, V2Error):
+        status, type_, message, headers = exc.status, "invalid_request", exc.message, exc.headers
+    else:
+        known = client_error(exc)
+        if known is None:
+            log.exception("/%s failed", route)
+            status, type_, message, headers = (500, "internal",
+                                               "the model failed on this input; the server log has details", {})
+        else:
+            status, type_, message, headers = known
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    if status in CLOSING_STATUSES and not any(k == b"connection" for k, _ in extra):
+        extra.append((b"connection", b"close"))
+    return Answer(status, error_json(type_, message, v2=v2_shape), b"application/json", extra), type_
+
+
+RawHandler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class RawRoute(APIRoute):
+    """An APIRoute for the OpenAPI document whose requests a raw ASGI handler serves."""
+
+    raw: RawHandler
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] in self.methods:
+            await self.raw(scope, receive, send)
+        else:  # Starlette's 405 (the error middleware gives it the JSON shape)
+            await super().handle(scope, receive, send)
+
+
+def add_raw_route(router: Any, path: str, raw: RawHandler, methods: list[str], **documentation: Any) -> None:
+    """Register ``raw`` for ``path`` on a FastAPI ``router``, documented by ``documentation``
+    (APIRoute's keyword arguments; ``endpoint`` only describes the request body)."""
+    documentation.setdefault("endpoint", _undocumented)
+    router.add_api_route(path, methods=methods, route_class_override=RawRoute, **documentation)
+    router.routes[-1].raw = raw
+
+
+async def _undocumented() -> Any:  # documentation only: RawRoute serves
+    raise NotImplementedError

@@ -1,0 +1,251 @@
+"""convserve's raw ASGI routes as a table: one inference route per endpoint
+(service.endpoints.ENDPOINTS) and the Open Inference Protocol v2 (service.v2), each with its
+OpenAPI description (service.schemas). service.app registers :data:`ROUTES`.
+
+service.v2 (NumPy, ONNX Runtime) is imported by the handlers, on first use: importing this
+module, as BentoML's supervising process does, must not load the model stack.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Body
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from core import __version__
+from core.errors import ImageTooLarge, InvalidImage, InvalidOption, ModelNotFound
+from core.repository import parse_model_path, version_key
+from service import metrics
+from service.asgi import Answer, Call, Handler, RawHandler, serve_admitted
+from service.endpoints import ENDPOINTS, TASK_ENDPOINTS, Endpoint
+from service.errors import send_response
+from service.schemas import (
+    ERROR_RESPONSES,
+    RESPONSES,
+    V2_ERROR_RESPONSES,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    V2RepositoryEntry,
+    V2ServerMetadata,
+    endpoint_request,
+    path_parameters,
+)
+from service.uploads import IMAGE_FIELD, RAW_TYPES, read_body, read_upload
+from service.worker import Worker, worker_of
+
+RENDER_TYPES = {"png": b"image/png", "jpeg": b"image/jpeg"}
+RENDER_CHOICES = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "true": "png", "1": "png", "false": None, "0": None,
+                  "": None}
+
+
+@dataclass(frozen=True)
+class Route:
+    """A raw route: its path, methods, handler and OpenAPI description (APIRoute's keywords)."""
+
+    path: str
+    methods: list[str]
+    handler: RawHandler
+    doc: dict[str, Any] = field(default_factory=dict)
+
+
+def _json(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+# --- the endpoints ------------------------------------------------------------------------------
+
+def render_format(headers: dict[str, str], options: dict[str, str]) -> str | None:
+    """png/jpeg when the request asks for an annotated image: ``render`` (png, jpeg, true) or an
+    Accept header naming image/png or image/jpeg; None for JSON. Pops ``render`` from ``options``."""
+    raw = options.pop("render", None)
+    if raw is not None:
+        key = raw.strip().lower()
+        if key not in RENDER_CHOICES:
+            raise InvalidOption("render", f"must be png, jpeg, true or false; got {raw[:40]!r}")
+        return RENDER_CHOICES[key]
+    accept = headers.get("accept", "").lower()
+    for media, fmt in (("image/png", "png"), ("image/jpeg", "jpeg")):
+        if media in accept:
+            return fmt
+    return None
+
+
+def endpoint_handler(endpoint: Endpoint) -> Handler:
+    """POST /<endpoint>: read the upload, answer JSON or (render) an annotated image."""
+
+    async def handle(worker: Worker, call: Call) -> Answer:
+        upload = await read_upload(call.headers, call.query, call.receive, worker.limits, call.ticket.grow)
+        fmt = render_format(call.headers, upload.options)
+        if fmt:
+            data, served, seconds = await worker.pipeline.render(endpoint, upload, fmt)
+            metrics.answered(served.ref, endpoint.name, seconds)
+            return Answer(200, data, RENDER_TYPES[fmt])
+        body, served = await worker.pipeline.answer(endpoint, upload)
+        metrics.answered(served.ref, endpoint.name, body["timing"]["total_ms"] / 1e3)
+        return Answer(200, _json(body))
+
+    return handle
+
+
+def _endpoint_route(endpoint: Endpoint) -> Route:
+    single, batch = RESPONSES[endpoint.name]
+    handle = endpoint_handler(endpoint)
+
+    async def raw(scope: Scope, receive: Receive, send: Send) -> None:
+        await serve_admitted(scope, receive, send, endpoint.name, handle)
+
+    return Route(f"/{endpoint.name}", ["POST"], raw, dict(
+        name=endpoint.name, summary=endpoint.summary, tags=["inference"],
+        response_model=single | batch,
+        responses={200: {"description": "one image: its result; several: `results`, in order. With render: the "
+                                        "annotated image (image/png or image/jpeg)",
+                         "content": {"image/png": {}, "image/jpeg": {}}}, **ERROR_RESPONSES},
+        description=(f"{endpoint.summary} Send the image as the multipart field `{IMAGE_FIELD}` or as the whole body "
+                     "(image/*, application/octet-stream); options as query parameters or, with multipart, as form "
+                     "fields."),
+        openapi_extra=endpoint_request(endpoint, IMAGE_FIELD, RAW_TYPES)))
+
+
+# --- the Open Inference Protocol v2 -------------------------------------------------------------
+
+V2Answer = Callable[[Worker, dict[str, str]], tuple[int, Any]]
+
+
+def _v2_get(answer: V2Answer) -> RawHandler:
+    """A v2 GET: ``answer`` gives (status, JSON document); ModelNotFound is a 404 in the v2 shape."""
+
+    async def raw(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            status, doc = answer(worker_of(scope["app"]), scope.get("path_params", {}))
+        except ModelNotFound as exc:
+            status, doc = 404, {"error": str(exc)}
+        await send_response(send, status, _json(doc), b"application/json")
+
+    return raw
+
+
+def v2_server(worker: Worker, params: dict[str, str]) -> tuple[int, Any]:
+    from service import v2
+
+    return 200, v2.server_metadata(__version__)
+
+
+def v2_live(worker: Worker, params: dict[str, str]) -> tuple[int, Any]:
+    return 200, {"live": True}
+
+
+def v2_ready(worker: Worker, params: dict[str, str]) -> tuple[int, Any]:
+    return (200, {"ready": True}) if worker.is_ready() else (503, {"ready": False})
+
+
+def v2_model(worker: Worker, params: dict[str, str]) -> tuple[int, Any]:
+    from service import v2
+
+    served = worker.repo.lookup(params["name"], params.get("version"))
+    return 200, v2.model_metadata(served, sorted(worker.repo.models.get(params["name"], {}), key=version_key))
+
+
+def v2_model_ready(worker: Worker, params: dict[str, str]) -> tuple[int, Any]:
+    worker.repo.lookup(params["name"], params.get("version"))
+    ready = worker.is_ready()
+    return (200 if ready else 503), {"name": params["name"], "ready": ready}
+
+
+def v2_repository_index(worker: Worker, params: dict[str, str]) -> tuple[int, Any]:
+    entries = [{"name": m["name"], "version": m["version"], "state": "READY", "reason": ""}
+               for m in worker.repo.describe()]
+    for e in worker.repo.refused():
+        _, name, version = parse_model_path(Path(e["path"]))
+        entries.append({"name": name, "version": version, "state": "UNAVAILABLE", "reason": e["error"]})
+    return 200, entries
+
+
+async def v2_infer(worker: Worker, call: Call) -> Answer:
+    """POST /v2/models/{name}[/versions/{version}]/infer."""
+    from service import v2
+
+    params = call.path_params
+    served = worker.repo.lookup(params["name"], params.get("version"))
+    header_length = v2.header_length(call.headers)
+    body = await read_body(call.headers, call.receive, worker.limits, call.ticket.grow)
+    request = await worker.pipeline.in_pool(v2.parse_infer, body, header_length, served, worker.settings.max_images)
+    options = TASK_ENDPOINTS[served.model.contract.task].parse_options(request.options)
+    if request.images is not None:
+        try:
+            inferred = await worker.pipeline.run(served, request.images)
+        except (InvalidImage, ImageTooLarge) as exc:
+            raise type(exc)(f"input {served.model.contract.input.name!r}: {exc}") from None
+    else:
+        inferred = await worker.pipeline.run_arrays(served, request.arrays)
+    geometries = [p.geometry for p in inferred.prepared]
+    out = await worker.pipeline.in_pool(v2.response_tensors, request, served, inferred.outputs, geometries, options)
+    payload, json_length = v2.encode_response(served, request.id, out)
+    metrics.answered(served.ref, "v2", inferred.inferred - inferred.started)
+    if json_length is None:
+        return Answer(200, payload)
+    return Answer(200, payload, b"application/octet-stream",
+                  [(b"inference-header-content-length", str(json_length).encode())])
+
+
+async def _v2_infer_raw(scope: Scope, receive: Receive, send: Send) -> None:
+    await serve_admitted(scope, receive, send, "v2", v2_infer, v2_errors=True)
+
+
+async def _v2_infer_doc(request: V2InferRequest = Body(...)) -> Response:  # documents the JSON body
+    raise NotImplementedError
+
+
+def _v2_routes() -> list[Route]:
+    tags = ["v2 (Open Inference Protocol)"]
+    routes = [
+        Route("/v2", ["GET"], _v2_get(v2_server), dict(name="v2-server", summary="Server metadata", tags=tags,
+                                                        response_model=V2ServerMetadata)),
+        Route("/v2/health/live", ["GET"], _v2_get(v2_live), dict(name="v2-live", tags=tags,
+                                                                  summary="200 while the server runs")),
+        Route("/v2/health/ready", ["GET"], _v2_get(v2_ready), dict(
+            name="v2-ready", tags=tags,
+            summary="200 when every model is loaded and warmed up; 503 otherwise (and while shutting down)")),
+    ]
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        suffix = "-version" if "version}" in prefix else ""
+        routes += [
+            Route(prefix, ["GET"], _v2_get(v2_model), dict(
+                name=f"v2-model{suffix}", tags=tags, response_model=V2ModelMetadata,
+                summary="Model metadata: the input and every output, with datatype and shape",
+                responses={404: V2_ERROR_RESPONSES[404]})),
+            Route(f"{prefix}/ready", ["GET"], _v2_get(v2_model_ready), dict(
+                name=f"v2-model-ready{suffix}", tags=tags, responses={404: V2_ERROR_RESPONSES[404]},
+                summary="200 when the model is loaded and the server ready")),
+            Route(f"{prefix}/infer", ["POST"], _v2_infer_raw, dict(
+                name=f"v2-infer{suffix}", tags=tags, response_model=V2InferResponse, responses=V2_ERROR_RESPONSES,
+                endpoint=_v2_infer_doc,
+                summary="Inference: encoded images (BYTES [N]) or the model's UINT8 tensor in; "
+                        "raw and task outputs out",
+                openapi_extra={"requestBody": {"content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                                 "description": "the JSON request, then binary tensor data; "
+                                                                "Inference-Header-Content-Length says where the "
+                                                                "JSON ends"}}}},
+                description="See README 'Open Inference Protocol v2'. Task options (score_threshold, "
+                            "max_detections) go in the request's parameters; the classification extension "
+                            "(parameters.classification = k on the scores output) answers 'score:index:label'.")),
+        ]
+    routes.append(Route("/v2/repository/index", ["POST"], _v2_get(v2_repository_index), dict(
+        name="v2-repository-index", tags=tags, response_model=list[V2RepositoryEntry],
+        summary="Every model version in the repository, READY or UNAVAILABLE (with the reason)")))
+    for route in routes:  # path parameters, which FastAPI finds only in an endpoint function's signature
+        extra = route.doc.setdefault("openapi_extra", {})
+        if path_parameters(route.path):
+            extra["parameters"] = path_parameters(route.path)
+    return routes
+
+
+# Every raw route, in registration order.
+ROUTES: list[Route] = [*(_endpoint_route(e) for e in ENDPOINTS.values()), *_v2_routes()]
