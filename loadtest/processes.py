@@ -57,7 +57,7 @@ class TreeMemory:
             self.last = tree_rss(self.pid)
             self.peak = max(self.peak, self.last)
 
-    def __enter__(self) -> "TreeMemory":
+    def __enter__(self) -> TreeMemory:
         self._thread.start()
         return self
 

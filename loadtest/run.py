@@ -31,7 +31,8 @@ def write_images(folder: Path, count: int) -> Path:
     return folder
 
 
-def run_level(host: str, users: int, spawn_rate: float, run_time: str, out: Path, endpoints: str | None) -> dict[str, float]:
+def run_level(host: str, users: int, spawn_rate: float, run_time: str, out: Path, endpoints: str | None
+              ) -> dict[str, float]:
     prefix = out / f"u{users}"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
            "-u", str(users), "-r", str(spawn_rate), "-t", run_time, "--csv", str(prefix),
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     chart(rows, a.out / "chart.png")
     print("| users | req/s | p50 ms | p95 ms | p99 ms | failures |\n|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['users']} | {r['req_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['failures']} |")
+        print(f"| {r['users']} | {r['req_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
+              f"{r['failures']} |")
     print(f"wrote {a.out}/summary.csv, chart.png and per-level CSV/HTML")
 
 

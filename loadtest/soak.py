@@ -45,7 +45,7 @@ ENDPOINTS = ("classify", "detect", "segment")
 def good_requests(count: int = 20, seed: int = 0) -> list[tuple[str, str, bytes]]:
     """The mixed load: every image of the mix to every endpoint, as multipart or as a raw body."""
     out = []
-    for i, (name, data, ctype) in enumerate(image_mix(count, seed)):
+    for i, (_name, data, ctype) in enumerate(image_mix(count, seed)):
         endpoint = ENDPOINTS[i % len(ENDPOINTS)]
         if i % 2:
             out.append((f"/{endpoint}", ctype, data))
@@ -67,14 +67,16 @@ def bad_requests() -> list[tuple[str, str, bytes]]:
         ("/classify?model=no-such-model", "image/jpeg", data),
         ("/detect?score_threshold=7", "image/jpeg", data),
         ("/segment", "image/png", decompression_bomb_png(60000, 60000)),  # 3.6 gigapixels in 100 bytes
-        ("/classify", "multipart/form-data; boundary=x", b"--x\r\nContent-Disposition: form-data; name=\"top_k\"\r\n\r\n3\r\n--x--\r\n"),
+        ("/classify", "multipart/form-data; boundary=x",
+         b"--x\r\nContent-Disposition: form-data; name=\"top_k\"\r\n\r\n3\r\n--x--\r\n"),
     ]
 
 
 def start_service(env: dict[str, str]) -> ServerProcess:
     import tempfile
 
-    return ServerProcess(["-m", "bentoml", "serve", "service.service:ConvServe", "--host", "127.0.0.1", "--port", "{port}"],
+    return ServerProcess(["-m", "bentoml", "serve", "service.service:ConvServe", "--host", "127.0.0.1",
+                          "--port", "{port}"],
                          {"BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-"), "BENTOML_DO_NOT_TRACK": "true",
                           **env}, "/readyz")
 
@@ -98,8 +100,8 @@ def soak(url: str, pid: int | None, minutes: float, interval: float, connections
     while time.time() < end - 1:
         seconds = min(interval, end - time.time())
         result: dict[str, Any] = {}
-        bad_thread = threading.Thread(target=lambda: result.update(
-            bad=wrk.run_mixed(url, bad, 1, seconds, delay_ms=200)), daemon=True)
+        bad_thread = threading.Thread(target=lambda found=result, secs=seconds: found.update(
+            bad=wrk.run_mixed(url, bad, 1, secs, delay_ms=200)), daemon=True)
         bad_thread.start()
         if pid:
             with TreeMemory(pid) as mem:
@@ -109,12 +111,14 @@ def soak(url: str, pid: int | None, minutes: float, interval: float, connections
         bad_thread.join(seconds + 60)
         b = result.get("bad", {"status": {}, "socket_errors": 0, "requests": 0})
         g, gb = _classes(load["status"]), _classes(b["status"])
-        row = {"t_s": round(time.time() - start, 1), "req_s": round(load["req_s"], 1), "p50_ms": round(load["p50_ms"], 1),
-               "p99_ms": round(load["p99_ms"], 1), "max_ms": round(load["max_ms"], 1), "good_2xx": g["2xx"],
+        row = {"t_s": round(time.time() - start, 1), "req_s": round(load["req_s"], 1),
+               "p50_ms": round(load["p50_ms"], 1), "p99_ms": round(load["p99_ms"], 1),
+               "max_ms": round(load["max_ms"], 1), "good_2xx": g["2xx"],
                "good_4xx": g["4xx"], "good_5xx": g["5xx"], "good_other": load["requests"] - sum(g.values()),
                "good_socket_errors": load["socket_errors"], "bad_sent": b["requests"], "bad_4xx": gb["4xx"],
                "bad_not_4xx": b["requests"] - gb["4xx"], "bad_socket_errors": b["socket_errors"],
-               "rss_mb": round(mem.last / MB, 1) if pid else None, "rss_peak_mb": round(mem.peak / MB, 1) if pid else None}
+               "rss_mb": round(mem.last / MB, 1) if pid else None,
+               "rss_peak_mb": round(mem.peak / MB, 1) if pid else None}
         rows.append(row)
         print(json.dumps(row), flush=True)
     with open(out / "soak.csv", "w", newline="") as fh:
@@ -137,11 +141,12 @@ def summarize(rows: list[dict[str, Any]], warmup_s: float, rss_start: float | No
         "minutes": round(rows[-1]["t_s"] / 60, 1), "rows": len(rows),
         "req_s_mean": round(sum(r["req_s"] for r in after) / len(after), 1),
         "p99_ms_worst_interval": max(r["p99_ms"] for r in after),
-        "good_answered_2xx": total("good_2xx"), "good_errors": total("good_4xx") + total("good_5xx") + total("good_other")
-        + total("good_socket_errors"),
+        "good_answered_2xx": total("good_2xx"),
+        "good_errors": total("good_4xx") + total("good_5xx") + total("good_other") + total("good_socket_errors"),
         "bad_sent": total("bad_sent"), "bad_answered_4xx": total("bad_4xx"),
         "bad_not_4xx": total("bad_not_4xx") + total("bad_socket_errors"),
-        "rss_start_mb": round(rss_start, 1) if rss_start else None, "rss_after_warmup_mb": rss_warm, "rss_end_mb": rss_end,
+        "rss_start_mb": round(rss_start, 1) if rss_start else None, "rss_after_warmup_mb": rss_warm,
+        "rss_end_mb": rss_end,
         "rss_peak_mb": max(r["rss_peak_mb"] for r in rows) if rss_end else None,
         "rss_end_vs_warmup": round(rss_end / rss_warm, 3) if rss_warm and rss_end else None,
     }

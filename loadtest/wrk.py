@@ -177,7 +177,8 @@ def run(url: str, bodies: Bodies, connections: int, seconds: float, timeout_s: f
         "WRK_BODY_DIR": str(bodies.folder), "WRK_BODIES": str(bodies.count), "WRK_CONTENT_TYPE": bodies.content_type})
 
 
-def _wrk(url: str, script: Path, connections: int, seconds: float, timeout_s: float, env: dict[str, str]) -> dict[str, Any]:
+def _wrk(url: str, script: Path, connections: int, seconds: float, timeout_s: float, env: dict[str, str]
+         ) -> dict[str, Any]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", f"--timeout={int(timeout_s)}s",
@@ -189,7 +190,8 @@ def _wrk(url: str, script: Path, connections: int, seconds: float, timeout_s: fl
         raise RuntimeError(f"wrk gave no result (exit {out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")
     raw = json.loads(line.removeprefix("WRK_JSON "))
     secs = raw["duration_us"] / 1e6
-    ms = {k.replace("_us", "_ms"): raw[k] / 1000 for k in ("p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us")}
+    ms = {k.replace("_us", "_ms"): raw[k] / 1000
+          for k in ("p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us")}
     socket_errors = raw["connect_errors"] + raw["read_errors"] + raw["write_errors"] + raw["timeouts"]
     row = {"connections": connections, "seconds": round(secs, 2), "requests": raw["requests"],
            "req_s": raw["requests"] / secs, "ok_s": (raw["requests"] - raw["non_2xx"]) / secs,

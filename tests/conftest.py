@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from loadtest.processes import free_port
+from tests.support.archs import ARCHS
+from tests.support.servers import SHIPPED_MODELS, Server, start_server, stop_server
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_MODELS = ROOT / "models"
+# The fixtures below that train, export or start a server: every test that uses one of them,
+# itself or through another fixture, is marked slow. Tests that start a server, train, export,
+# build a container or drive wrk or Chromium on their own carry an explicit slow mark.
+SLOW_FIXTURES = frozenset({"tiny_checkpoints", "tiny_repo", "tiny_served_repo", "tiny_arch_repo",
+                           "server", "tiny_server"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +52,12 @@ def tiny_checkpoints(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     """A few optimiser steps per task: enough for real export and parity checks."""
     root = tmp_path_factory.mktemp("runs")
     return {
-        "classification": _train("classification", "mobilenet_v3_small", tiny_data / "cls", root / "cls", 64, 0.5, 3),
-        "segmentation": _train("segmentation", "lraspp_mobilenet_v3_large", tiny_data / "seg", root / "seg", 64, 0.5, 2),
-        "detection": _train("detection", "centernet_mobilenet_v3_small", tiny_data / "det", root / "det", 128, 0.5, 2),
+        "classification": _train("classification", "mobilenet_v3_small", tiny_data / "cls", root / "cls",
+                                 64, 0.5, 3),
+        "segmentation": _train("segmentation", "lraspp_mobilenet_v3_large", tiny_data / "seg", root / "seg",
+                               64, 0.5, 2),
+        "detection": _train("detection", "centernet_mobilenet_v3_small", tiny_data / "det", root / "det",
+                            128, 0.5, 2),
     }
 
 
@@ -80,28 +88,6 @@ def tiny_served_repo(tiny_repo: Path, tiny_checkpoints: dict[str, Path], tiny_da
             export(tiny_checkpoints[task], f"tiny-{sub}-fixed{size}", "1", root, "tiny synthetic",
                    tiny_data / sub / "val", 4, fixed_batch=size)
     return root
-
-
-# The architectures of training.models at test sizes: (task, arch, data, input side, width multiplier,
-# extras). Trained two steps and exported with parity by tiny_arch_repo, served by tests/service.
-ARCHS = [
-    ("classification", "lenet5", "grey", 32, 1.0, ("embedding", "cam")),
-    ("classification", "alexnet", "cls", 64, 0.125, ("embedding", "cam")),
-    ("classification", "vgg11", "cls", 32, 0.125, ("embedding", "cam")),
-    ("classification", "vgg11_bn", "cls", 32, 0.125, ("embedding", "cam")),
-    ("classification", "vgg16", "cls", 32, 0.0625, ("embedding", "cam")),
-    ("classification", "vgg16_bn", "cls", 32, 0.0625, ("embedding", "cam")),
-    ("classification", "googlenet", "cls", 64, 1.0, ("embedding", "cam")),
-    ("classification", "resnet18", "cls", 32, 1.0, ("embedding", "cam")),
-    ("classification", "resnet34", "cls", 32, 1.0, ("embedding", "cam")),
-    ("classification", "resnet50", "cls", 32, 1.0, ("embedding", "cam")),
-    ("classification", "mobilenet_v3_large", "cls", 64, 0.5, ("embedding", "cam")),
-    ("segmentation", "fpn_mobilenet_v3_large", "seg", 64, 0.5, ()),
-    ("segmentation", "deeplabv3_mobilenet_v3_large", "seg", 64, 0.5, ()),
-    ("segmentation", "fcn_resnet50", "seg", 64, 1.0, ()),
-    ("segmentation", "deeplabv3_resnet50", "seg", 64, 1.0, ()),
-    ("detection", "fasterrcnn_mobilenet_v3_large_320_fpn", "det", 128, 1.0, ()),
-]
 
 
 @pytest.fixture(scope="session")
@@ -135,57 +121,6 @@ def tiny_arch_repo(tiny_data: Path, tiny_grey_data: Path, tmp_path_factory: pyte
         out[arch] = runs / arch / "best.pt"
         export(out[arch], arch.replace("_", "-"), "1", repo, "tiny synthetic", root / "val", 4, extras=extras)
     return out
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
-        self.proc, self.url, self.log = proc, url, log
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_server(model_root: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 120.0,
-                 ready_headers: dict[str, str] | None = None) -> Server:
-    """``bentoml serve`` on a free loopback port; returns once /readyz answers 200 (asked with
-    ``ready_headers``, e.g. an API key when health is closed)."""
-    import urllib.request
-
-    port = free_port()
-    # Each server gets its own BENTOML_HOME: BentoML keeps its Prometheus multiprocess files
-    # there, and two servers sharing one directory corrupt each other's /metrics.
-    home = log.parent / f"bentoml-home-{port}"
-    full_env = {**os.environ, "CONVSERVE_MODEL_ROOT": str(model_root), "BENTOML_DO_NOT_TRACK": "true",
-                "BENTOML_HOME": str(home), **(env or {})}
-    fh = open(log, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service.service:ConvServe", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url + "/readyz", headers=ready_headers or {}),
-                                        timeout=2) as r:
-                if r.status == 200:
-                    return Server(proc, url, log)
-        except Exception:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise RuntimeError(f"server not ready after {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 @pytest.fixture(scope="session")

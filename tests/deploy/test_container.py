@@ -16,16 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-from tests.service.helpers import get, jpeg, post, scene
+from tests.support.http import get, post
+from tests.support.images import jpeg, scene
+from tests.support.servers import free_port
+
+pytestmark = pytest.mark.slow  # builds and runs container images
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = ROOT.parent / "shared" / "tools" / "container-engine"
 IMAGE = "convserve:test"
 
 
-def _run(cmd: list[str], timeout: float = 1800, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+def _run(cmd: list[str], timeout: float = 1800, env: dict[str, str] | None = None,
+         check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env={**os.environ, **(env or {})})
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
@@ -96,7 +101,8 @@ def test_cpu_image_is_lean(image: str) -> None:
     print(f"{image}: {size / 1e9:.2f} GB")
     assert size <= IMAGE_LIMIT_BYTES, f"{size / 1e9:.2f} GB"
     pkgs = _run(["docker", "run", "--rm", "--entrypoint", "python", image, "-c",
-                 "import importlib.metadata as m; print(' '.join(sorted(d.metadata['Name'].lower() for d in m.distributions())))"])
+                 "import importlib.metadata as m; "
+                 "print(' '.join(sorted(d.metadata['Name'].lower() for d in m.distributions())))"])
     names = pkgs.stdout.split()
     assert "onnxruntime" in names and "onnxruntime-gpu" not in names and "torch" not in names
 
@@ -111,7 +117,8 @@ def test_image_runs_as_non_root_and_serves(image: str) -> None:
         _probe(url)
         user = _run(["docker", "exec", name, "id", "-u"]).stdout.strip()
         assert user != "0"
-        has_torch = _run(["docker", "exec", name, "python", "-c", "import importlib.util as u; print(u.find_spec('torch') is not None)"]).stdout.strip()
+        has_torch = _run(["docker", "exec", name, "python", "-c",
+                          "import importlib.util as u; print(u.find_spec('torch') is not None)"]).stdout.strip()
         assert has_torch == "False"
         status, _, body = get(url + "/models")
         assert all(m["providers"] == ["CPUExecutionProvider"] for m in body["models"])
@@ -148,7 +155,8 @@ def test_compose_up_healthy_and_serving(image: str, tmp_path: Path) -> None:
         container = f"{project}_convserve_1"
         deadline, health = time.time() + 240, ""
         while time.time() < deadline:
-            health = _run(["docker", "inspect", "-f", "{{.State.Health.Status}}", container], check=False).stdout.strip()
+            health = _run(["docker", "inspect", "-f", "{{.State.Health.Status}}", container],
+                          check=False).stdout.strip()
             if health == "healthy":
                 break
             time.sleep(2)

@@ -39,8 +39,8 @@ def test_shipped_model_obeys_contract_and_runs(entry: ModelEntry) -> None:
     outputs = model.infer(np.random.default_rng(0).integers(0, 256, (n, i.height, i.width, i.channels), np.uint8))
     assert len(outputs) == n
     task, o = TASKS[contract.task], contract.outputs
-    for field, tensor in task.named_outputs(o).items():
-        assert all(out[tensor].ndim == task.image_rank(field, o.kind) for out in outputs), field
+    for field, tensor in task.layout.named(o).items():
+        assert all(out[tensor].ndim == task.layout.image_rank(field, o.kind) for out in outputs), field
     if o.scores and o.kind in ("logits", "probabilities"):
         assert outputs[0][o.scores].shape == (len(contract.labels),)
     if o.masks:
