@@ -39,8 +39,7 @@ import numpy as np
 from PIL import Image
 
 from loadtest import wrk
-from loadtest.processes import ServerProcess, TreeMemory, tree_rss
-from loadtest.soak import start_service
+from loadtest.processes import TreeMemory, add_service_arguments, service_at, tree_rss
 
 MB = 1024 * 1024
 Send = Callable[[str], int]  # base URL -> status (0: the connection was closed without an answer)
@@ -256,23 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
     p.add_argument("--attackers", type=int, default=4, help="hostile requests in flight at once")
-    p.add_argument("--url", help="a running service instead of starting one on the shipped models")
-    p.add_argument("--server-pid", type=int, help="its main process, for memory")
-    p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service this starts")
+    add_service_arguments(p)
     p.add_argument("--out", type=Path, default=Path("hostile-results"))
     a = p.parse_args(argv)
     if not wrk.available():
         raise SystemExit("wrk is not installed: apt-get install wrk")
-    server: ServerProcess | None = None
-    url, pid = a.url, a.server_pid
-    try:
-        if not url:
-            server = start_service(dict(kv.split("=", 1) for kv in a.env))
-            url, pid = server.url, server.pid
+    with service_at(a.url, a.server_pid, a.env) as (url, pid):
         result = run(url, pid, a.seconds, a.attackers)
-    finally:
-        if server:
-            server.stop()
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "hostile.json").write_text(json.dumps(result, indent=1))
     (a.out / "hostile.md").write_text(table(result) + "\n")

@@ -7,6 +7,7 @@ path; :class:`TreeMemory` samples the summed RSS of a process and all its descen
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -16,6 +17,8 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -104,3 +107,33 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+
+
+def start_service(env: dict[str, str]) -> ServerProcess:
+    """``bentoml serve`` of this checkout (the shipped models unless ``env`` says otherwise),
+    with a BENTOML_HOME of its own."""
+    return ServerProcess(["-m", "bentoml", "serve", "service.service:ConvServe", "--host", "127.0.0.1", "--port",
+                          "{port}"],
+                         {"BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-"), "BENTOML_DO_NOT_TRACK": "true",
+                          **env}, "/readyz")
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    """--url, --server-pid and --env: the options :func:`service_at` takes."""
+    parser.add_argument("--url", help="a running service instead of starting one on the shipped models")
+    parser.add_argument("--server-pid", type=int, help="its main process, for memory")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service this starts")
+
+
+@contextmanager
+def service_at(url: str | None, pid: int | None, env: list[str]) -> Iterator[tuple[str, int | None]]:
+    """(url, main pid) of the service to load: the one at ``url`` (with ``pid``, for memory),
+    or one started here with ``env`` (KEY=VALUE strings) and stopped afterwards."""
+    if url:
+        yield url, pid
+        return
+    server = start_service(dict(kv.split("=", 1) for kv in env))
+    try:
+        yield server.url, server.pid
+    finally:
+        server.stop()

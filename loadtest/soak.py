@@ -36,7 +36,7 @@ from PIL import Image
 
 from loadtest import wrk
 from loadtest.images import decompression_bomb_png, image_mix
-from loadtest.processes import ServerProcess, TreeMemory, tree_rss
+from loadtest.processes import TreeMemory, add_service_arguments, service_at, tree_rss
 
 MB = 1024 * 1024
 ENDPOINTS = ("classify", "detect", "segment")
@@ -70,15 +70,6 @@ def bad_requests() -> list[tuple[str, str, bytes]]:
         ("/classify", "multipart/form-data; boundary=x",
          b"--x\r\nContent-Disposition: form-data; name=\"top_k\"\r\n\r\n3\r\n--x--\r\n"),
     ]
-
-
-def start_service(env: dict[str, str]) -> ServerProcess:
-    import tempfile
-
-    return ServerProcess(["-m", "bentoml", "serve", "service.service:ConvServe", "--host", "127.0.0.1",
-                          "--port", "{port}"],
-                         {"BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-"), "BENTOML_DO_NOT_TRACK": "true",
-                          **env}, "/readyz")
 
 
 def _classes(status: dict[int, int]) -> dict[str, int]:
@@ -185,23 +176,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interval", type=float, default=10.0, help="seconds per recorded row")
     p.add_argument("--connections", type=int, default=8, help="keep-alive connections of the mixed load")
     p.add_argument("--delay-ms", type=float, default=0.0, help="pause of each connection between its requests")
-    p.add_argument("--url", help="a running service instead of starting one on the shipped models")
-    p.add_argument("--server-pid", type=int, help="its main process, for memory")
-    p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service this starts")
+    add_service_arguments(p)
     p.add_argument("--out", type=Path, default=Path("soak-results"))
     a = p.parse_args(argv)
     if not wrk.available():
         raise SystemExit("wrk is not installed: apt-get install wrk")
-    server = None
-    url, pid = a.url, a.server_pid
-    try:
-        if not url:
-            server = start_service(dict(kv.split("=", 1) for kv in a.env))
-            url, pid = server.url, server.pid
+    with service_at(a.url, a.server_pid, a.env) as (url, pid):
         summary = soak(url, pid, a.minutes, a.interval, a.connections, a.delay_ms, a.warmup_minutes, a.out)
-    finally:
-        if server:
-            server.stop()
     print(json.dumps(summary))
 
 

@@ -135,12 +135,17 @@ def _timeout_guard() -> str | None:
                          "self.app(scope, receive, _send)")
 
 
+def _replace_call(cls: type, ours: Callable[..., Any]) -> None:
+    """``cls.__call__ = ours`` once (idempotent), keeping the original on ``ours`` for the guard."""
+    if cls.__call__ is not ours:  # type: ignore[operator]
+        ours.__wrapped_original__ = cls.__call__  # type: ignore[attr-defined,operator]
+        cls.__call__ = ours  # type: ignore[method-assign,assignment,operator]
+
+
 def _timeout_apply() -> None:
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-    if TimeoutMiddleware.__call__ is not _timeout_call:
-        _timeout_call.__wrapped_original__ = TimeoutMiddleware.__call__  # type: ignore[attr-defined]
-        TimeoutMiddleware.__call__ = _timeout_call  # type: ignore[method-assign]
+    _replace_call(TimeoutMiddleware, _timeout_call)
 
 
 def _timeout_in_effect() -> bool:
@@ -331,9 +336,7 @@ def _metrics_guard() -> str | None:
 def _metrics_apply() -> None:
     from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
 
-    if RunnerTrafficMetricsMiddleware.__call__ is not _metrics_call:
-        _metrics_call.__wrapped_original__ = RunnerTrafficMetricsMiddleware.__call__  # type: ignore[attr-defined]
-        RunnerTrafficMetricsMiddleware.__call__ = _metrics_call  # type: ignore[method-assign]
+    _replace_call(RunnerTrafficMetricsMiddleware, _metrics_call)
 
 
 def _metrics_in_effect() -> bool:

@@ -15,6 +15,7 @@ from core.errors import ContractError
 from core.onnx_contract import check_classes, parse_contract, read_contract
 from core.repository import discover
 from core.runtime import OnnxModel, session_options
+from tests.support.models import with_contract
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,25 +38,6 @@ def test_sessions_share_one_arena_and_concurrent_runs_stay_exact() -> None:
 
 
 # --- the contract checked against the graph at load ------------------------------------------
-
-def with_contract(src: Path, dst: Path, edit) -> Path:
-    """A copy of the model ``src`` at ``dst`` whose contract document ``edit`` (a function of
-    the parsed JSON) has changed, written as it stands: nothing checks it on the way."""
-    import json
-
-    import onnx
-
-    from core.contract import METADATA_KEY
-
-    model = onnx.load(str(src))
-    entry = next(p for p in model.metadata_props if p.key == METADATA_KEY)
-    doc = json.loads(entry.value)
-    edit(doc)
-    entry.value = json.dumps(doc)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dst))
-    return dst
-
 
 CLASSIFIER = ROOT / "models" / "shapes-classifier" / "1" / "model.onnx"
 SEGMENTER = ROOT / "models" / "shapes-segmenter" / "1" / "model.onnx"

@@ -1,22 +1,14 @@
 import numpy as np
 import pytest
 
-from core.contract import ModelContract
 from core.geometry import Geometry
 from core.tasks import TASKS
-
-
-def _contract(task: str, outputs: dict, labels=("bg", "a", "b"), batch=None) -> ModelContract:
-    doc = {"task": task, "labels": list(labels), "input": {"name": "images", "height": 8, "width": 8},
-           "outputs": outputs}
-    if batch:
-        doc["batch"] = batch
-    return ModelContract.from_dict(doc)
+from tests.support.models import contract
 
 
 def test_split_with_and_without_a_batch_axis() -> None:
     task = TASKS["segmentation"]
-    c = _contract("segmentation", {"kind": "mask_logits", "masks": "m"})
+    c = contract("segmentation", {"kind": "mask_logits", "masks": "m"})
     batch = {"m": np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)}
     per_image = task.split(batch, 2, c.outputs)
     assert [p["m"].shape for p in per_image] == [(3, 4, 4), (3, 4, 4)]
@@ -31,15 +23,15 @@ def test_split_with_and_without_a_batch_axis() -> None:
 
 def test_results_per_task() -> None:
     geo = Geometry(16, 8, 0.5, 1.0, 8, 8)
-    cls = _contract("classification", {"kind": "logits", "scores": "s"})
+    cls = contract("classification", {"kind": "logits", "scores": "s"})
     labels = TASKS["classification"].result({"s": np.array([0.0, 2.0, 1.0])}, geo, cls, {"top_k": 2})["labels"]
     assert [x["label"] for x in labels] == ["a", "b"] and labels[0]["score"] > labels[1]["score"]
-    det = _contract("detection", {"kind": "boxes", "boxes": "b", "scores": "s", "labels": "l"})
+    det = contract("detection", {"kind": "boxes", "boxes": "b", "scores": "s", "labels": "l"})
     out = {"b": np.array([[1, 1, 3, 3], [0, 0, 8, 8]], np.float32), "s": np.array([0.9, 0.2], np.float32),
            "l": np.array([2, 1])}
     found = TASKS["detection"].result(out, geo, det, {"score_threshold": 0.3, "max_detections": 10})["detections"]
     assert found == [{"box": [2.0, 1.0, 6.0, 3.0], "score": 0.9, "label": "b", "label_id": 2}]
-    seg = _contract("segmentation", {"kind": "class_map", "masks": "m"})
+    seg = contract("segmentation", {"kind": "class_map", "masks": "m"})
     cmap = np.zeros((8, 8), np.int64)
     cmap[2:4, 2:6] = 1
     res = TASKS["segmentation"].result({"m": cmap}, geo, seg, {"mask_format": "rle"})

@@ -4,21 +4,13 @@ models they serve, and their results."""
 import numpy as np
 import pytest
 
-from core.contract import ModelContract
 from core.errors import InvalidOption
 from core.geometry import Geometry
 from core.tasks import TASKS
 from service.endpoints import ENDPOINTS, TASK_ENDPOINTS
+from tests.support.models import contract
 
 BY_ENDPOINT = {e.name: e for e in TASK_ENDPOINTS.values()}
-
-
-def _contract(task: str, outputs: dict, labels=("bg", "a", "b"), batch=None) -> ModelContract:
-    doc = {"task": task, "labels": list(labels), "input": {"name": "images", "height": 8, "width": 8},
-           "outputs": outputs}
-    if batch:
-        doc["batch"] = batch
-    return ModelContract.from_dict(doc)
 
 
 def test_every_task_has_an_endpoint_a_metric_and_options() -> None:
@@ -61,8 +53,8 @@ def test_bad_options_are_named(endpoint, raw, message) -> None:
 
 def test_embed_is_served_by_classifiers_with_an_embedding_only() -> None:
     embed = ENDPOINTS["embed"]
-    plain = _contract("classification", {"kind": "logits", "scores": "s"})
-    with_embedding = _contract("classification", {"kind": "logits", "scores": "s", "embedding": "e"})
+    plain = contract("classification", {"kind": "logits", "scores": "s"})
+    with_embedding = contract("classification", {"kind": "logits", "scores": "s", "embedding": "e"})
     assert not embed.serves(plain) and embed.serves(with_embedding) and ENDPOINTS["classify"].serves(plain)
     result = embed.result({"s": np.zeros(3), "e": np.array([3.0, 0.0, 4.0])}, Geometry(8, 8, 1, 1, 8, 8),
                           with_embedding, {})
@@ -71,11 +63,11 @@ def test_embed_is_served_by_classifiers_with_an_embedding_only() -> None:
 
 def test_cam_is_refused_for_a_model_without_it_and_drawn_at_original_size() -> None:
     classify = ENDPOINTS["classify"]
-    plain = _contract("classification", {"kind": "logits", "scores": "s"})
+    plain = contract("classification", {"kind": "logits", "scores": "s"})
     with pytest.raises(InvalidOption, match="^cam: this model carries no class activation maps"):
         classify.check_request(plain, {"cam": True})
     classify.check_request(plain, {"cam": False})
-    c = _contract("classification", {"kind": "logits", "scores": "s", "cam": "c"})
+    c = contract("classification", {"kind": "logits", "scores": "s", "cam": "c"})
     cam = np.zeros((3, 2, 2), np.float32)
     cam[2, 0, 1] = 4.0  # class b is hot in the top-right cell only
     geo = Geometry(40, 20, 8 / 40, 8 / 20, 8, 8)  # a 40x20 upload stretched to the 8x8 input

@@ -9,35 +9,18 @@ import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.support.http import get, post, request
 from tests.support.images import jpeg, scene
+from tests.support.models import with_contract
 from tests.support.servers import SHIPPED_MODELS, Server, start_server, stop_server
 
 ADMIN = "admin-" + "m" * 30
 CLASSIFIER = SHIPPED_MODELS / "shapes-classifier" / "1" / "model.onnx"
 SEGMENTER = SHIPPED_MODELS / "shapes-segmenter" / "1" / "model.onnx"
 LOG_ONLY = "(the server log has details)"
-
-
-def with_contract(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
-    """A copy of the model ``src`` at ``dst`` whose contract document ``edit`` has changed,
-    written as it stands: nothing checks it on the way."""
-    import onnx
-
-    from core.contract import METADATA_KEY
-
-    model = onnx.load(str(src))
-    entry = next(p for p in model.metadata_props if p.key == METADATA_KEY)
-    doc = json.loads(entry.value)
-    edit(doc)
-    entry.value = json.dumps(doc)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dst))
-    return dst
 
 
 # name -> (how its file is made from the repository root, the reason clients are told)
