@@ -212,6 +212,16 @@ def _load(source: bytes | Path | str, max_bytes: int | None, max_pixels: int | N
     return DecodedImage(img, width, height, fmt)
 
 
+def header_pixels(data: bytes) -> int:
+    """Width x height from the image's header (nothing decoded; about 0.1 ms); 0 when the
+    header cannot be read (decoding it will say why)."""
+    try:
+        img = _open(data)
+    except InvalidImage:
+        return 0
+    return img.width * img.height
+
+
 def _open(data: bytes) -> Image.Image:
     """Image.open (the header only), with Pillow's errors as InvalidImage."""
     try:

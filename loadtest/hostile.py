@@ -201,13 +201,14 @@ def _model_input(url: str) -> tuple[str, tuple[str, int, int, int]]:
     return m["name"], (meta["inputs"][0]["name"], i["height"], i["width"], i["channels"])
 
 
-def run(url: str, pid: int | None, seconds: float, attackers: int) -> dict[str, Any]:
+def run(url: str, pid: int | None, seconds: float, attackers: int, only: str = "") -> dict[str, Any]:
     classifier, model_input = _model_input(url)
     from loadtest.images import image_mix
 
     jpegs = [data for name, data, _ in image_mix(10, seed=3) if name.endswith(".jpg") and "640x480" in name]
     bodies = wrk.write_bodies(jpegs, {})
-    sends = cases(model_input, classifier)
+    sends = {k: v for k, v in cases(model_input, classifier).items()
+             if not only or any(word in k for word in only.split(","))}
     out: dict[str, Any] = {"metrics_bytes_before": _metrics_bytes(url),
                            "rss_idle_mb": round(tree_rss(pid) / MB, 1) if pid else None}
     for phase in ("quiet", "hostile"):
@@ -255,13 +256,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
     p.add_argument("--attackers", type=int, default=4, help="hostile requests in flight at once")
+    p.add_argument("--only", default="", help="comma-separated words: only the cases whose name has one")
     add_service_arguments(p)
     p.add_argument("--out", type=Path, default=Path("hostile-results"))
     a = p.parse_args(argv)
     if not wrk.available():
         raise SystemExit("wrk is not installed: apt-get install wrk")
     with service_at(a.url, a.server_pid, a.env) as (url, pid):
-        result = run(url, pid, a.seconds, a.attackers)
+        result = run(url, pid, a.seconds, a.attackers, a.only)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "hostile.json").write_text(json.dumps(result, indent=1))
     (a.out / "hostile.md").write_text(table(result) + "\n")

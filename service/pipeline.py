@@ -19,6 +19,8 @@ full size, and drawn on (:func:`preprocess_full`).
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +33,7 @@ from PIL import Image
 from core.contract import ModelContract
 from core.errors import ImageTooLarge, InvalidImage, InvalidOption
 from core.geometry import Geometry, resize_to_input
-from core.imaging import DecodedImage, load_image, load_input
+from core.imaging import DecodedImage, header_pixels, load_image, load_input
 from core.tasks import Outputs
 from service import metrics, render, tracing
 from service.batching import BatchResult
@@ -67,6 +69,7 @@ class Inferred:
     started: float   # perf_counter stamps: request start, decode done, inference done
     decoded: float
     inferred: float
+    heavy: bool = False  # an image over CONVSERVE_HEAVY_PIXELS: its work runs in the heavy lane
 
 
 def preprocess(data: bytes, contract: ModelContract, settings: Settings) -> Prepared:
@@ -98,32 +101,48 @@ class Pipeline:
     def __init__(self, repo: ModelRepository, settings: Settings) -> None:
         self.repo, self.settings = repo, settings
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        # The heavy lane: requests with an image over CONVSERVE_HEAVY_PIXELS decode, post-process
+        # and render here, on threads at the lowest CPU priority, so that a stream of huge
+        # images (hostile or not) neither queues ahead of ordinary ones in the decode pool nor
+        # takes the cores they need (README "Hostile clients" has the measurement).
+        self.heavy_pool = ThreadPoolExecutor(settings.heavy_threads, thread_name_prefix="heavy",
+                                             initializer=_background_priority)
+
+    def is_heavy(self, images: list[bytes]) -> bool:
+        """Whether any of ``images`` is over CONVSERVE_HEAVY_PIXELS (read from its header)."""
+        return any(header_pixels(data) > self.settings.heavy_pixels for data in images)
 
     # --- decode and infer ---------------------------------------------------------------
 
     async def run(self, served: ServedModel, images: list[bytes], prepare: Prepare = preprocess) -> Inferred:
-        """Decode ``images`` for ``served``'s model (with ``prepare``) and run them through its batcher."""
+        """Decode ``images`` for ``served``'s model (with ``prepare``, in the heavy lane when one
+        of them is large) and run them through its batcher."""
         t0 = time.perf_counter()
         c = served.model.contract
         loop = asyncio.get_running_loop()
-        if len(images) == 1 and served.batcher.claim_idle_run():
-            # Low load: the model is idle, so decode and run it in one thread, with no queue.
+        heavy = self.is_heavy(images)
+        pool = self.heavy_pool if heavy else self.pool
+        if len(images) == 1 and not heavy and served.batcher.claim_idle_run():
+            # Low load: the model is idle, so decode and run it in one thread, with no queue. Not
+            # for a heavy image: its run would be claimed for the whole of its long decode, and
+            # ordinary requests would queue behind it (measured: p99 2.3 s under a stream of them).
             ort_seconds: float | None = None
             try:
                 prepared, batched, t1, ort_seconds = await loop.run_in_executor(
-                    self.pool, _decode_and_run, images[0], served, self.settings, prepare)
+                    pool, _decode_and_run, images[0], served, self.settings, prepare)
             finally:
                 served.batcher.release_run(1, ort_seconds)
             tracing.interval("decode", t0, t1, images=1)
         else:
             with tracing.span("decode", images=len(images)):
-                prepared = await _each([loop.run_in_executor(self.pool, prepare, data, c, self.settings)
+                prepared = await _each([loop.run_in_executor(pool, prepare, data, c, self.settings)
                                         for data in images])
             t1 = time.perf_counter()
             batched = await _each([served.batcher.submit(p.array) for p in prepared])
         t2 = time.perf_counter()
         _observe(served, batched, t1, t2)
-        return Inferred(served, prepared, [b.outputs for b in batched], max(b.batch_size for b in batched), t0, t1, t2)
+        return Inferred(served, prepared, [b.outputs for b in batched], max(b.batch_size for b in batched), t0, t1, t2,
+                        heavy)
 
     async def run_arrays(self, served: ServedModel, arrays: np.ndarray) -> Inferred:
         """Run model-ready uint8 [N, H, W, C] images (their geometry is the identity)."""
@@ -141,11 +160,14 @@ class Pipeline:
         args = (endpoint, inferred.outputs, [p.geometry for p in inferred.prepared], inferred.served.model.contract,
                 options)
         with tracing.span("postprocess"):
-            return await self.in_pool(_results, *args) if endpoint.heavy_result(options) else _results(*args)
+            if endpoint.heavy_result(options):
+                return await self.in_pool(_results, *args, heavy=inferred.heavy)
+            return _results(*args)
 
-    async def in_pool(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` in the decode pool (work that takes milliseconds, off the event loop)."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+    async def in_pool(self, fn: Any, *args: Any, heavy: bool = False) -> Any:
+        """``fn(*args)`` in the decode pool (work that takes milliseconds, off the event loop),
+        or in the heavy lane for the work of a large request."""
+        return await asyncio.get_running_loop().run_in_executor(self.heavy_pool if heavy else self.pool, fn, *args)
 
     def options_and_model(self, endpoint: Endpoint, raw_options: dict[str, str]
                           ) -> tuple[dict[str, Any], ServedModel]:
@@ -188,8 +210,16 @@ class Pipeline:
         options, served = self.options_and_model(endpoint, upload.options)
         inferred = await self.run(served, upload.images, prepare=preprocess_full)
         with tracing.span("render"):
-            data = await self.in_pool(_render, inferred, endpoint, options, fmt)
+            data = await self.in_pool(_render, inferred, endpoint, options, fmt, heavy=inferred.heavy)
         return data, served, time.perf_counter() - inferred.started
+
+
+def _background_priority() -> None:
+    """Run this (heavy-lane) thread at the lowest CPU priority (Linux: nice is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the lane still queues apart
+        pass
 
 
 def _observe(served: ServedModel, batched: list[BatchResult], submitted: float, done: float) -> None:

@@ -40,6 +40,9 @@ from service.schemas import (
 from service.uploads import IMAGE_FIELD, RAW_TYPES, read_body, read_upload
 from service.worker import Worker, worker_of
 
+# v2 bodies larger than this are parsed in the heavy lane: checking and parsing a 32 MiB JSON
+# body takes tens of milliseconds of CPU that ordinary requests should not wait behind.
+HEAVY_BODY_BYTES = 8 * 1024 * 1024
 RENDER_TYPES = {"png": b"image/png", "jpeg": b"image/jpeg"}
 RENDER_CHOICES = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "true": "png", "1": "png", "false": None, "0": None,
                   "": None}
@@ -175,7 +178,8 @@ async def v2_infer(worker: Worker, call: Call) -> Answer:
     served = worker.repo.lookup(params["name"], params.get("version"))
     header_length = v2.header_length(call.headers)
     body = await read_body(call.headers, call.receive, worker.limits, call.ticket.grow)
-    request = await worker.pipeline.in_pool(v2.parse_infer, body, header_length, served, worker.settings.max_images)
+    request = await worker.pipeline.in_pool(v2.parse_infer, body, header_length, served, worker.settings.max_images,
+                                            heavy=len(body) > HEAVY_BODY_BYTES)
     options = TASK_ENDPOINTS[served.model.contract.task].parse_options(request.options)
     if request.images is not None:
         try:

@@ -2,7 +2,8 @@
 
 | variable | default | meaning |
 |---|---|---|
-| CONVSERVE_MODEL_ROOT | <repo>/models | model repository: <name>/<version>/model.onnx |
+| CONVSERVE_MODEL_ROOT | <repo>/models | model repository: <name>/<version>/model.onnx, or one model (scan) |
+| CONVSERVE_MODEL_NAME | file or folder name | the model's name when the root holds one (KServe's /mnt/models) |
 | CONVSERVE_DEVICE | auto | auto (CUDA only if it really initialises) / cpu / cuda (fail if not) |
 | CONVSERVE_WORKERS | 1 | BentoML worker processes |
 | CONVSERVE_INFERENCE_THREADS | cores / workers | ONNX Runtime runs at once per worker (batches in flight) |
@@ -18,6 +19,8 @@
 | CONVSERVE_MAX_PIXELS | 100000000 | largest image (width x height, from the header) |
 | CONVSERVE_MAX_DECODED_BYTES | 4 x MAX_PIXELS | memory one image's decode may take (from its header) |
 | CONVSERVE_MAX_IMAGES | 16 | images in one request |
+| CONVSERVE_HEAVY_PIXELS | 16000000 | larger images go to the heavy lane (own threads, lowest CPU priority) |
+| CONVSERVE_HEAVY_THREADS | 1 | threads of the heavy lane, per worker |
 | CONVSERVE_BODY_TIMEOUT_S | 30 | seconds a client has to send its request body (then 408) |
 | CONVSERVE_POLL_S | 10 | seconds between looks at the model repository for changed versions (0: never) |
 | CONVSERVE_GRACE_S | 25 | on SIGTERM, how long accepted requests may take before the worker exits anyway |
@@ -88,6 +91,17 @@ def _keys(name: str) -> tuple[str, ...]:
     return keys
 
 
+def _model_name() -> str | None:
+    """CONVSERVE_MODEL_NAME: a name a request can spell in a path (/v2/models/<name>/infer)."""
+    name = os.environ.get("CONVSERVE_MODEL_NAME", "").strip()
+    if not name:
+        return None
+    if len(name) > 128 or name.startswith(".") or any(c in name for c in "/\\:?#% ") or not name.isprintable():
+        raise ConfigError(f"CONVSERVE_MODEL_NAME={name!r} must be at most 128 printable characters, not start with "
+                          "'.', and hold none of / \\ : ? # % or spaces")
+    return name
+
+
 def available_cores() -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota
     (``docker run --cpus 2`` on a 16-core host is 2, not 16)."""
@@ -122,6 +136,8 @@ class Settings:
     max_pixels: int
     max_decoded_bytes: int | None  # what decoding one image may take; None: core.imaging's default
     max_images: int
+    heavy_pixels: int
+    heavy_threads: int
     body_timeout_s: int
     poll_s: float = 10.0
     grace_s: float = 25.0
@@ -132,6 +148,7 @@ class Settings:
     max_head_bytes: int = 64 * 1024
     head_timeout_s: float = 10.0
     keepalive_s: float = 5.0
+    model_name: str | None = None  # CONVSERVE_MODEL_NAME (core.repository reads it too)
 
     def max_batch_for(self, providers: list[str]) -> int:
         """CONVSERVE_MAX_BATCH, or the default for where the model runs: on a CPU larger
@@ -164,6 +181,8 @@ class Settings:
             max_pixels=_int("CONVSERVE_MAX_PIXELS", 100_000_000, 1),
             max_decoded_bytes=_int("CONVSERVE_MAX_DECODED_BYTES", 0, 0) or None,
             max_images=_int("CONVSERVE_MAX_IMAGES", 16, 1),
+            heavy_pixels=_int("CONVSERVE_HEAVY_PIXELS", 16_000_000, 1),
+            heavy_threads=_int("CONVSERVE_HEAVY_THREADS", 1, 1),
             body_timeout_s=_int("CONVSERVE_BODY_TIMEOUT_S", 30, 1),
             poll_s=_float("CONVSERVE_POLL_S", 10.0, 0.0),
             grace_s=_float("CONVSERVE_GRACE_S", 25.0, 0.0),
@@ -174,4 +193,5 @@ class Settings:
             max_head_bytes=_int("CONVSERVE_MAX_HEAD_BYTES", 64 * 1024, 1024),
             head_timeout_s=_float("CONVSERVE_HEAD_TIMEOUT_S", 10.0, 0.5),
             keepalive_s=_float("CONVSERVE_KEEPALIVE_S", 5.0, 0.5),
+            model_name=_model_name(),
         )

@@ -17,9 +17,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.core.test_imaging import float_tiff, grey16_png
 from tests.support.http import MULTIPART, multipart_body, post, request
-from tests.support.images import jpeg, scene
+from tests.support.images import float_tiff, grey16_png, jpeg, scene
 
 # Above the idle RSS: both 100 MP decodes at once (CONVSERVE_DECODE_THREADS >= 2), the 16-bit
 # PNG (2 B/px + its 1 B/px "L": 300 MB) and the float TIFF (4 + 1 B/px: 500 MB), plus the
