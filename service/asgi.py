@@ -122,6 +122,7 @@ async def serve_admitted(scope: Scope, receive: Receive, send: Send, route: str,
 
 
 def _publish(worker: Worker) -> None:
+    metrics.requests_in_flight(worker.admission.requests)  # the autoscaling signal (service.metrics)
     if worker.balancer is not None:
         worker.balancer.publish(worker.admission.requests)
 

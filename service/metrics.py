@@ -7,6 +7,7 @@ created lazily, so importing this module does no work.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import bentoml
@@ -40,6 +41,15 @@ REBALANCED = bentoml.metrics.Counter(
     documentation="Keep-alive connections closed by a worker holding more than its share (service.balancing)",
     labelnames=[],
 )
+# The autoscaling signal (deploy/fleet/prometheus/rules.yml, deploy/kubernetes): in BentoML's
+# multiprocess mode a gauge is one file per worker; "livesum" adds up the live workers' values.
+REQUESTS_IN_FLIGHT = bentoml.metrics.Gauge(
+    name="convserve_requests_in_flight",
+    documentation="Requests held now (being read, decoded, queued or run: admission slots taken), summed over "
+                  "the live workers",
+    labelnames=[],
+    multiprocess_mode="livesum",
+)
 ERRORS = bentoml.metrics.Counter(
     name="convserve_errors_total",
     documentation="Requests answered with an error, by endpoint and error type",
@@ -68,6 +78,41 @@ def answered(model: str, endpoint: str, seconds: float) -> None:
     """A request answered with 200 after ``seconds`` inside the service (BentoML's own
     bentoml_service_request_total counts every request by endpoint and status)."""
     _child(REQUEST_SECONDS, model, endpoint).observe(seconds)
+
+
+def requests_in_flight(n: int) -> None:
+    """This worker now holds ``n`` admitted requests (service.admission.Admission.requests)."""
+    _forget_dead_workers(os.getpid())
+    REQUESTS_IN_FLIGHT.set(n)
+
+
+@functools.cache
+def _forget_dead_workers(pid: int) -> bool:
+    """Once per worker process (``pid``): drop the live-gauge files of workers that died without cleaning up
+    (a kill -9, the OOM killer; BentoML's supervisor then starts a new worker but leaves the
+    dead one's file), or "livesum" would count what the dead worker held forever."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder or not os.path.isdir(folder):
+        return False
+    from prometheus_client import multiprocess
+
+    for name in os.listdir(folder):
+        if not (name.startswith("gauge_live") and name.endswith(".db")):
+            continue
+        other = name[:-3].rpartition("_")[2]
+        if other.isdigit() and int(other) != pid and not _alive(int(other)):
+            multiprocess.mark_process_dead(int(other), folder)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def rebalanced() -> None:

@@ -7,15 +7,14 @@ Bento's Dockerfile needs). Where none can be had the tests skip and say why.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.support.commands import run as _run
 from tests.support.http import get, post
 from tests.support.images import jpeg, scene
 from tests.support.servers import free_port
@@ -23,38 +22,6 @@ from tests.support.servers import free_port
 pytestmark = pytest.mark.slow  # builds and runs container images
 
 ROOT = Path(__file__).resolve().parents[2]
-ENGINE = ROOT.parent / "shared" / "tools" / "container-engine"
-IMAGE = "convserve:test"
-
-
-def _run(cmd: list[str], timeout: float = 1800, env: dict[str, str] | None = None,
-         check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                       env={**os.environ, **(env or {})})
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
-
-
-@pytest.fixture(scope="module")
-def engine() -> None:
-    if not ENGINE.is_file():
-        pytest.skip(f"no container engine helper at {ENGINE}")
-    r = subprocess.run([str(ENGINE)], capture_output=True, text=True, timeout=900, cwd=ROOT)
-    if r.returncode != 0:
-        pytest.skip(f"no Docker engine could be started: {(r.stdout + r.stderr).strip().splitlines()[-1:]}")
-    os.environ["DOCKER_HOST"] = "unix:///var/run/docker.sock"
-
-
-@pytest.fixture(scope="module")
-def image(engine, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """bentoml build + bentoml containerize, in a private BENTOML_HOME."""
-    home = tmp_path_factory.mktemp("bentoml-home")
-    env = {"BENTOML_HOME": str(home), "DOCKER_BUILDKIT": "0", "BENTOML_DO_NOT_TRACK": "true"}
-    out = _run(["bentoml", "build", "--output", "tag"], env=env).stdout.strip().splitlines()[-1]
-    tag = out.removeprefix("__tag__:")
-    _run(["bentoml", "containerize", tag, "--backend", "docker", "-t", IMAGE], env=env)
-    return IMAGE
 
 
 def _wait_ready(url: str, timeout: float = 180) -> None:
