@@ -9,7 +9,7 @@ imports it); :func:`publish` loads onnx when called.
 
 :func:`scan` also reads a folder that holds one model, as KServe's storage initializer lays
 out ``/mnt/models`` (see :func:`scan`): a single ``*.onnx`` file, or ``<version>/model.onnx``
-folders; that model is named by CONVSERVE_MODEL_NAME (:data:`MODEL_NAME_ENV`).
+folders; the caller names that model (the service passes CONVSERVE_MODEL_NAME).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from core.contract import ModelContract
 
 MODEL_FILE = "model.onnx"
-MODEL_NAME_ENV = "CONVSERVE_MODEL_NAME"  # the name of the one model of a single-model folder
 SINGLE_VERSION = "1"  # the version of a model given as one file
 
 
@@ -99,11 +98,10 @@ def _holds_models(folder: Path) -> bool:
 
 
 def single_model_name(root: Path, file: Path | None = None, name: str | None = None) -> str:
-    """The name of the one model a single-model folder (or file) ``root`` holds: ``name``, else
-    CONVSERVE_MODEL_NAME (KServe's runtime passes the InferenceService's name), else the
-    file's stem (``resnet.onnx`` -> ``resnet``), else the folder's own name (Triton names a
-    model by its folder)."""
-    name = name or os.environ.get(MODEL_NAME_ENV, "").strip()
+    """The name of the one model a single-model folder (or file) ``root`` holds: ``name`` (the
+    service passes CONVSERVE_MODEL_NAME, which KServe's runtime sets to the InferenceService's
+    name), else the file's stem (``resnet.onnx`` -> ``resnet``), else the folder's own name
+    (Triton names a model by its folder)."""
     if name:
         return name
     if file is not None and file.stem != Path(MODEL_FILE).stem:
@@ -127,11 +125,11 @@ def scan(root: Path, name: str | None = None) -> tuple[list[ModelEntry], list[tu
        (Triton's folder of one model; KServe copies a storageUri that is a folder as it
        stands, and mounts a ``pvc://`` one there directly).
 
-    The one model of layouts 2 and 3 is named ``name``, else CONVSERVE_MODEL_NAME, else as
-    :func:`single_model_name` says. A folder that mixes them (an ``*.onnx`` file at its top
-    beside folders holding models, several ``*.onnx`` files at its top, version folders beside
-    model folders) raises RepositoryError naming what it found: guessing could serve the wrong
-    models, and a reload that raises leaves what is served as it is. So does a root that is
+    The one model of layouts 2 and 3 is named ``name``, else as :func:`single_model_name`
+    says. A folder that mixes them (an ``*.onnx`` file at its top beside folders holding
+    models, several ``*.onnx`` files at its top, version folders beside model folders) raises
+    RepositoryError naming what it found: guessing could serve the wrong models, and a reload
+    that raises leaves what is served as it is. So does a root that is
     neither a directory nor an ``*.onnx`` file."""
     if root.is_file() and root.suffix.lower() == ".onnx":
         return [ModelEntry(single_model_name(root, root, name), SINGLE_VERSION, root)], []

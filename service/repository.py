@@ -48,7 +48,7 @@ def check_repository(settings: Settings) -> list[ModelEntry]:
     """Check the repository as a worker will load it: every model.onnx opens in ONNX Runtime
     (on CPU) with a contract that agrees with its graph; an explicit CUDA request can really
     be met. Raises RepositoryError naming the file."""
-    found = discover(settings.model_root)
+    found = discover(settings.model_root, settings.model_name)
     for entry in found:
         model = open_model(entry, "cpu", 1)
         checked_warm_up(model, settings.max_batch_for(model.providers))
@@ -196,7 +196,7 @@ class ModelRepository:
         self.errors: dict[str, tuple[str, FileId | None]] = {}
         self.ready = False
         self._reload_lock: asyncio.Lock | None = None
-        for entry in discover(settings.model_root):
+        for entry in discover(settings.model_root, settings.model_name):
             self.models.setdefault(entry.name, {})[entry.version] = self._load(entry, file_id(entry.path))
 
     def _load(self, entry: ModelEntry, ident: FileId | None) -> ServedModel:
@@ -282,10 +282,12 @@ class ModelRepository:
         loop = asyncio.get_running_loop()
         report = ReloadReport()
         try:
-            entries, problems = await loop.run_in_executor(None, scan, self.settings.model_root)
+            entries, problems = await loop.run_in_executor(None, scan, self.settings.model_root,
+                                                           self.settings.model_name)
         except RepositoryError as exc:
             log.error("model repository not reloaded: %s", exc)
-            report.refused["."] = "the model repository (CONVSERVE_MODEL_ROOT) does not exist or is not a directory"
+            report.refused["."] = ("the model repository cannot be read as it stands (what is served stays): "
+                                   + str(exc).replace(str(self.settings.model_root), "CONVSERVE_MODEL_ROOT"))
             return report
         on_disk = {(e.name, e.version): e for e in entries}
         current = self.models

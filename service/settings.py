@@ -148,7 +148,7 @@ class Settings:
     max_head_bytes: int = 64 * 1024
     head_timeout_s: float = 10.0
     keepalive_s: float = 5.0
-    model_name: str | None = None  # CONVSERVE_MODEL_NAME (core.repository reads it too)
+    model_name: str | None = None  # CONVSERVE_MODEL_NAME: the name of a repository of one model
 
     def max_batch_for(self, providers: list[str]) -> int:
         """CONVSERVE_MAX_BATCH, or the default for where the model runs: on a CPU larger

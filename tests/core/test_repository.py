@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from core.contract import ModelContract
 from core.errors import ContractError, RepositoryError
 from core.onnx_contract import read_contract
-from core.repository import MODEL_NAME_ENV, discover, model_path, parse_model_path, publish, scan
+from core.repository import discover, model_path, parse_model_path, publish, scan
 
 LABELS = ["a", "b", "c"]
 
@@ -78,11 +78,6 @@ def _listed(root: Path, name: str | None = None) -> list[tuple[str, str, Path]]:
     return [(e.name, e.version, e.path) for e in discover(root, name)]
 
 
-@pytest.fixture(autouse=True)
-def _no_model_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(MODEL_NAME_ENV, raising=False)
-
-
 def test_a_repository_of_several_models_is_read_as_before(tmp_path: Path) -> None:
     a1, a2, b = (_touch(model_path(tmp_path, n, v)) for n, v in (("a", "1"), ("a", "2"), ("b", "x")))
     _touch(tmp_path / "a" / ".staging" / "model.onnx")
@@ -94,7 +89,7 @@ def test_a_repository_of_several_models_is_read_as_before(tmp_path: Path) -> Non
     assert "missing" in problems[0][1]
 
 
-def test_one_onnx_file_at_the_top_is_one_model_version_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_onnx_file_at_the_top_is_one_model_version_1(tmp_path: Path) -> None:
     # gs://bucket/path/model.onnx -> /mnt/models/model.onnx (kserve_storage: a single object keeps its basename)
     root = tmp_path / "models"
     f = _touch(root / "model.onnx")
@@ -102,10 +97,7 @@ def test_one_onnx_file_at_the_top_is_one_model_version_1(tmp_path: Path, monkeyp
     (root / "README.md").write_text("files beside it are ignored")
     (root / "assets").mkdir()
     assert _listed(root) == [("models", "1", f)]  # no name given: the folder's
-    assert _listed(root, "given") == [("given", "1", f)]
-    monkeypatch.setenv(MODEL_NAME_ENV, "mymodel")  # what the KServe runtime sets: {{.Name}}
-    assert _listed(root) == [("mymodel", "1", f)]
-    assert _listed(root, "given") == [("given", "1", f)]
+    assert _listed(root, "mymodel") == [("mymodel", "1", f)]  # CONVSERVE_MODEL_NAME: KServe's {{.Name}}
 
 
 def test_a_file_of_another_name_is_named_by_its_stem(tmp_path: Path) -> None:
@@ -118,7 +110,7 @@ def test_a_file_of_another_name_is_named_by_its_stem(tmp_path: Path) -> None:
     assert _listed(tmp_path) == [("resnet18", "1", f)]
 
 
-def test_version_folders_of_one_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_version_folders_of_one_model(tmp_path: Path) -> None:
     # Triton's folder of one model, as a directory storageUri or a pvc:// subPath puts it at /mnt/models
     root = tmp_path / "shapes-classifier"
     v1, v10, v2 = (_touch(root / v / "model.onnx") for v in ("1", "10", "2"))
@@ -126,8 +118,7 @@ def test_version_folders_of_one_model(tmp_path: Path, monkeypatch: pytest.Monkey
     _touch(root / ".staging" / "model.onnx")
     assert _listed(root) == [("shapes-classifier", "1", v1), ("shapes-classifier", "2", v2),
                              ("shapes-classifier", "10", v10)]
-    monkeypatch.setenv(MODEL_NAME_ENV, "mymodel")
-    assert [e.ref for e in discover(root)] == ["mymodel:1", "mymodel:2", "mymodel:10"]
+    assert [e.ref for e in discover(root, "mymodel")] == ["mymodel:1", "mymodel:2", "mymodel:10"]
     (root / "3").mkdir()  # a version folder without its model is a problem, as in a repository
     found, problems = scan(root)
     assert len(found) == 3 and problems == [(root / "3" / "model.onnx", problems[0][1])]
