@@ -362,9 +362,48 @@ CONVSERVE_KEEPALIVE_S."""
 HEADS_UPSTREAM = "https://github.com/Kludex/uvicorn/issues/157 (limits and timeouts; httptools has no size limit)"
 
 
+ONE_WRITE_REASON = """\
+uvicorn writes a response's status line and headers (on http.response.start) and its body (on
+http.response.body) with two transport writes, so two TCP segments. A worker killed between them
+(kill -9, the OOM killer, a container stopped hard) leaves a client, or a load balancer that
+cannot retry a response it has started to forward, with headers and no body: HAProxy's fleet
+lost 1 request of about 4,000 that way while a replica was killed under load. Held until the
+body's first write joins it (or the end of the event loop's turn), a small answer leaves in
+one write: a kill then cuts all of it or none, and an empty answer is one HAProxy retries."""
+
+
+class _OneWriteResponses:
+    """A transport that holds a response head (a write that starts with "HTTP/" and ends the
+    headers) until the next write joins it, or until the end of the event loop's turn."""
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop, self._held = transport, loop, b""
+
+    def write(self, data: bytes) -> None:
+        data, self._held = self._held + data, b""
+        if data.startswith(b"HTTP/") and data.endswith(b"\r\n\r\n"):
+            self._held = data
+            self._loop.call_soon(self._flush)
+            return
+        self._transport.write(data)
+
+    def _flush(self) -> None:
+        if self._held:
+            data, self._held = self._held, b""
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the real transport's
+        return getattr(self._transport, name)
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a bounded request head; see HEADS_REASON. The limits
-    are class attributes, set from the settings by the apply step."""
+    """uvicorn's httptools protocol with a bounded request head (HEADS_REASON) whose
+    responses leave in one write (ONE_WRITE_REASON). The limits are class attributes, set
+    from the settings by the apply step."""
 
     max_head_bytes = 64 * 1024
     head_timeout_s = 10.0
@@ -378,7 +417,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_OneWriteResponses(transport, self.loop))
         self._arm()  # a connection that sends nothing is cut too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -502,6 +541,15 @@ def _heads_apply() -> None:
     auto.AutoHTTPProtocol = cls
 
 
+def _one_write_guard() -> str | None:
+    """uvicorn still writes a response head with one write, then the body (BoundedHeadProtocol
+    installs _OneWriteResponses, so nothing to apply here)."""
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    return _source_lacks(RequestResponseCycle.send, 'content.append(b"\\r\\n")',
+                         'self.transport.write(b"".join(content))')
+
+
 def _heads_in_effect() -> bool:
     from uvicorn.protocols.http import auto
 
@@ -517,6 +565,7 @@ WORKAROUNDS: tuple[Workaround, ...] = (
     Workaround("image-distro", DISTRO_REASON, None, _distro_guard),
     Workaround("metrics-route-labels", METRICS_REASON, None, _metrics_guard, _metrics_apply, _metrics_in_effect),
     Workaround("bounded-request-heads", HEADS_REASON, HEADS_UPSTREAM, _heads_guard, _heads_apply, _heads_in_effect),
+    Workaround("one-write-responses", ONE_WRITE_REASON, None, _one_write_guard, None, _heads_in_effect),
 )
 
 

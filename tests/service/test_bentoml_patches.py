@@ -214,3 +214,46 @@ def test_unknown_paths_do_not_grow_the_metrics(server) -> None:
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in unmatched) >= 3020
     assert _series(text, 'endpoint="/v2/models/{name}/ready"')
     assert len(after) < 1.2 * len(before) + 4096, (len(before), len(after), f"{elapsed:.1f} s for 3,300 requests")
+
+
+# --- one-write-responses ------------------------------------------------------------------------
+
+def test_a_response_head_leaves_with_its_body_in_one_write() -> None:
+    """The head waits for the body's first write; alone (a body that never comes this turn of
+    the loop) it is flushed at the end of the turn; other writes pass at once."""
+    import asyncio
+
+    from service.bentoml_patches import _OneWriteResponses
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        def close(self) -> None:
+            self.closed = True
+
+        def get_extra_info(self, name: str) -> str:
+            return "delegated"
+
+    async def scenario() -> Recorder:
+        real = Recorder()
+        t = _OneWriteResponses(real, asyncio.get_running_loop())
+        t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        t.write(b"ok")
+        assert real.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+        t.write(b"HTTP/1.1 204 No Content\r\n\r\n")  # no body follows
+        assert len(real.writes) == 1
+        await asyncio.sleep(0)
+        assert real.writes[-1] == b"HTTP/1.1 204 No Content\r\n\r\n"
+        t.write(b"some body bytes")
+        t.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        t.close()  # a held head is flushed before the close
+        assert real.writes[-2:] == [b"some body bytes", b"HTTP/1.1 200 OK\r\n\r\n"] and real.closed
+        assert t.get_extra_info("peername") == "delegated"
+        return real
+
+    asyncio.run(scenario())
