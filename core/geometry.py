@@ -8,6 +8,7 @@ pre-reduction for large downscales, then bilinear).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,3 +78,13 @@ def resize_class_map(class_map: np.ndarray, geometry: Geometry) -> np.ndarray:
     crop = class_map[: geometry.content_height, : geometry.content_width].astype(np.uint8)
     pil = Image.fromarray(crop, "L").resize((geometry.orig_width, geometry.orig_height), Image.NEAREST)
     return np.asarray(pil)
+
+
+def strips(size: tuple[int, int], pixels: int) -> Iterator[tuple[int, int]]:
+    """(first row, end row) of the strips of about ``pixels`` pixels (whole rows, at least
+    one) covering an image of ``size`` (width, height): work on a large image a strip at a
+    time keeps its temporaries a few MB."""
+    width, height = size
+    rows = max(1, pixels // max(1, width))
+    for y in range(0, height, rows):
+        yield y, min(height, y + rows)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import io
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -49,7 +49,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core.contract import InputSpec
 from core.errors import ImageTooLarge, InvalidImage
-from core.geometry import Geometry, resize_to_input
+from core.geometry import Geometry, resize_to_input, strips
 
 # Our own pixel limit replaces Pillow's global bomb check (which warns, then raises, at
 # thresholds that are not ours to choose).
@@ -270,14 +270,6 @@ def _convert(img: Image.Image, color: str, keep_grey: bool) -> Image.Image:
     return img if color == "RGB" else img.convert("L")
 
 
-def _strips(size: tuple[int, int]) -> Iterator[tuple[int, int]]:
-    """(first row, end row) of the strips of about _STRIP_PIXELS pixels covering an image."""
-    width, height = size
-    rows = max(1, _STRIP_PIXELS // max(1, width))
-    for y in range(0, height, rows):
-        yield y, min(height, y + rows)
-
-
 def _rows(img: Image.Image, y0: int, y1: int) -> np.ndarray:
     """Rows y0..y1 of ``img`` as an array (a copy of those rows only)."""
     return np.asarray(img.crop((0, y0, img.width, y1)))
@@ -299,7 +291,7 @@ def _wide_to_l(img: Image.Image) -> Image.Image:
     else:
         scale = partial(_stretch, offset=lo, factor=255.0 / (hi - lo))
     out = Image.new("L", img.size)
-    for y0, y1 in _strips(img.size):
+    for y0, y1 in strips(img.size, _STRIP_PIXELS):
         out.paste(Image.fromarray(scale(_rows(img, y0, y1)), "L"), (0, y0))
     return out
 
@@ -320,7 +312,7 @@ def _extrema(img: Image.Image) -> tuple[float, float]:
         lo, hi = img.getextrema()
         return float(lo), float(hi)
     lows, highs = [], []
-    for y0, y1 in _strips(img.size):
+    for y0, y1 in strips(img.size, _STRIP_PIXELS):
         a = _rows(img, y0, y1)
         lows.append(a.min())
         highs.append(a.max())
@@ -332,7 +324,7 @@ def _over_white(img: Image.Image) -> Image.Image:
     by strip: the pixels of one whole-image RGBA copy pasted with its alpha, without that
     copy and its alpha band (measured at 100 MP RGBA: 13 to 8 bytes a pixel at the peak)."""
     canvas = Image.new("RGB", img.size, (255, 255, 255))
-    for y0, y1 in _strips(img.size):
+    for y0, y1 in strips(img.size, _STRIP_PIXELS):
         rgba = img.crop((0, y0, img.width, y1)).convert("RGBA")
         canvas.paste(rgba, (0, y0), mask=rgba.getchannel("A"))
     return canvas

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from core.contract import InputSpec
-from core.geometry import Geometry, resize_class_map
+from core.geometry import Geometry, resize_class_map, strips
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -89,9 +89,7 @@ def blend_heatmap(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     height, width = rgb.shape[:2]
     grid = None if heat.shape == (height, width) else Image.fromarray(np.ascontiguousarray(heat, dtype=np.float32), "F")
     out = np.empty((height, width, 3), np.uint8)
-    rows = max(1, _BLEND_STRIP_PIXELS // max(1, width))
-    for y0 in range(0, height, rows):
-        y1 = min(height, y0 + rows)
+    for y0, y1 in strips((width, height), _BLEND_STRIP_PIXELS):
         t = heat[y0:y1] if grid is None else _stretched_rows(grid, width, height, y0, y1)
         out[y0:y1] = _blend(rgb[y0:y1], t)
     return out
