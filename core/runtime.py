@@ -7,7 +7,9 @@ back to CPU); ``cuda`` fails loudly when CUDA cannot be had; ``cpu`` never tries
 :class:`OnnxModel` runs batches of uint8 images and hands back one output dict per image,
 whatever the graph's batch: dynamic graphs run the batch as it is, fixed-batch graphs run
 it in chunks of their size (the last one padded), and outputs without a batch axis (a fixed
-batch of 1 may leave it out) are split by core.tasks.
+batch of 1 may leave it out) are split by core.tasks. A model may hold a second session of
+the same file with more intra-op threads for a lone image (``infer(..., lone=True)``;
+service.placement says when that pays).
 """
 
 from __future__ import annotations
@@ -122,6 +124,16 @@ def _preload_cuda_libraries() -> None:
         log.info("could not preload CUDA libraries: %s", exc)
 
 
+def _open(path: Path, device: str, threads: int) -> ort.InferenceSession:
+    """:func:`create_session`, with ONNX Runtime's own errors as InvalidModel."""
+    try:
+        return create_session(path, device, threads)
+    except DeviceUnavailable:
+        raise
+    except Exception as exc:  # ONNX Runtime's own errors: not ONNX, unsupported op, ...
+        raise InvalidModel(f"ONNX Runtime cannot load it: {exc}") from None
+
+
 def _io(args: list[Any]) -> list[tuple[str, str, list[Any]]]:
     return [(a.name, a.type, list(a.shape)) for a in args]
 
@@ -135,22 +147,25 @@ class OnnxModel:
     path: Path
     contract: ModelContract
     session: ort.InferenceSession
+    threads: int = 1  # intra-op threads of ``session``
+    lone_session: ort.InferenceSession | None = None  # more threads, for a lone image on an idle worker
+    lone_threads: int = 1
 
     @classmethod
-    def load(cls, path: Path, name: str, version: str, device: str = "auto", threads: int = 1) -> OnnxModel:
-        """Open ``path`` and validate its contract against the graph
-        (core.onnx_contract.checked_contract: bounds, inputs, outputs, class counts declared).
+    def load(cls, path: Path, name: str, version: str, device: str = "auto", threads: int = 1,
+             lone_threads: int | None = None) -> OnnxModel:
+        """Open ``path`` on ``threads`` intra-op threads and validate its contract against the
+        graph (core.onnx_contract.checked_contract: bounds, inputs, outputs, class counts
+        declared); with ``lone_threads``, a second session on that many threads for lone images.
 
         Raises InvalidModel (ContractError for the contract) or DeviceUnavailable."""
-        try:
-            session = create_session(path, device, threads)
-        except DeviceUnavailable:
-            raise
-        except Exception as exc:  # ONNX Runtime's own errors: not ONNX, unsupported op, ...
-            raise InvalidModel(f"ONNX Runtime cannot load it: {exc}") from None
+        session = _open(path, device, threads)
         meta = session.get_modelmeta().custom_metadata_map
         contract = checked_contract(meta.get(METADATA_KEY), _io(session.get_inputs()), _io(session.get_outputs()))
-        return cls(name, version, path, contract, session)
+        model = cls(name, version, path, contract, session, threads)
+        if lone_threads is not None and lone_threads != threads:
+            model.lone_session, model.lone_threads = _open(path, device, lone_threads), lone_threads
+        return model
 
     def check_answer(self, outputs: Outputs) -> None:
         """ContractError unless one image's ``outputs`` (from :meth:`infer`) have as many
@@ -166,24 +181,30 @@ class OnnxModel:
     def output_names(self) -> list[str]:
         return self.contract.outputs.tensor_names()
 
-    def run(self, batch: np.ndarray) -> Outputs:
-        """Run one graph call on a uint8 [N, H, W, 3] batch; the contract's outputs by name."""
+    def threads_for(self, lone: bool) -> int:
+        """The intra-op threads :meth:`infer` runs on."""
+        return self.lone_threads if lone and self.lone_session is not None else self.threads
+
+    def run(self, batch: np.ndarray, lone: bool = False) -> Outputs:
+        """Run one graph call on a uint8 [N, H, W, 3] batch (on the lone session when ``lone``
+        and there is one); the contract's outputs by name."""
         names = self.output_names
-        values = self.session.run(names, {self.contract.input.name: batch})
+        session = self.lone_session if lone and self.lone_session is not None else self.session
+        values = session.run(names, {self.contract.input.name: batch})
         return dict(zip(names, values))
 
-    def infer(self, images: np.ndarray) -> list[Outputs]:
+    def infer(self, images: np.ndarray, lone: bool = False) -> list[Outputs]:
         """Run any number of uint8 [H, W, 3] images; one output dict per image, in order."""
         c = self.contract
         task = TASKS[c.task]
         size = c.batch.max_size
         if size is None:
-            return task.split(self.run(images), len(images), c.outputs)
+            return task.split(self.run(images, lone), len(images), c.outputs)
         per_image: list[Outputs] = []
         for start in range(0, len(images), size):
             chunk = images[start:start + size]
             n = len(chunk)
             if n < size:  # a fixed-batch graph takes exactly `size` images: pad with zeros
                 chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
-            per_image += task.split(self.run(chunk), n, c.outputs)
+            per_image += task.split(self.run(chunk, lone), n, c.outputs)
         return per_image

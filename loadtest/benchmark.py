@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
 def bench_model(entry: ModelEntry, images: list[bytes], settings: Settings, url: str, pid: int | None,
                 naive_url: str | None, naive_pid: int | None, levels: list[int], a: argparse.Namespace
                 ) -> dict[str, Any]:
-    model = OnnxModel.load(entry.path, entry.name, entry.version, settings.device, settings.ort_threads)
+    model = OnnxModel.load(entry.path, entry.name, entry.version, settings.device, 1)  # one thread a run: the ceiling
     endpoint = TASK_ENDPOINTS[model.contract.task].name
     fields = {"model": entry.ref}
     bodies = wrk.write_bodies(images, fields)

@@ -12,7 +12,14 @@ only refusal is a full queue, answered at once with 503 + Retry-After.
 
 At low load a caller may skip the queue: :meth:`DynamicBatcher.claim_idle_run` hands it a
 free run when nothing is queued, and it runs the model in its own thread (the service
-decodes and infers a lone image in one thread, saving a hand-over per request).
+decodes and infers a lone image in one thread, saving a hand-over per request). The claim
+says whether the whole worker was idle (:class:`WorkerRuns`, shared by a worker's batchers):
+then the image may take every core (service.placement).
+
+Batches are bounded by time as well as count: with a :class:`service.batch_cost.BatchCost`
+and a target, a batch holds no more images than are expected to finish within the target
+(every run reports its cost, so the bound follows the load), so a heavy model does not make
+a request that arrives just after a batch started wait for a long one.
 
 Every accepted request is answered: if the model, the output split or anything else in a
 batch raises, each of its requests gets that exception (the service answers 500), and a
@@ -30,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.batch_cost import BatchCost
 from service.errors import Overloaded
 
 log = logging.getLogger("convserve.batching")
@@ -49,21 +57,42 @@ class BatchResult:
     batch_size: int
     queued: float
     started: float
+    threads: int = 1  # ONNX Runtime intra-op threads of the run that computed it
 
     @property
     def queue_wait(self) -> float:
         return self.started - self.queued
 
 
+class WorkerRuns:
+    """Model runs in flight in one worker, across its batchers (claimed and queued alike)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+
+
+@dataclass(frozen=True)
+class IdleRun:
+    """A run claimed by :meth:`DynamicBatcher.claim_idle_run`; ``alone``: nothing else ran in
+    the worker when it was claimed, so the image may use every core."""
+
+    alone: bool
+
+
 class DynamicBatcher:
     """Collects single images into batches for ``run_batch``."""
 
     def __init__(self, run_batch: RunBatch, executor: Executor, max_batch: int, max_wait_ms: float,
-                 max_pending_images: int, on_batch: OnBatch | None = None, concurrency: int = 1) -> None:
+                 max_pending_images: int, on_batch: OnBatch | None = None, concurrency: int = 1,
+                 cost: BatchCost | None = None, target_s: float | None = None, worker: WorkerRuns | None = None,
+                 threads: int = 1) -> None:
         self.run_batch, self.executor = run_batch, executor
         self.max_batch, self.max_wait = max(1, max_batch), max_wait_ms / 1000.0
         self.max_pending_images, self.concurrency = max_pending_images, max(1, concurrency)
         self.on_batch = on_batch
+        self.cost, self.target_s = cost or BatchCost(), target_s  # target None: batches bounded by count only
+        self.worker = worker or WorkerRuns()
+        self.threads = threads
         self._pending: list[_Item] = []
         self._running = 0
         self._wakeup: asyncio.Event | None = None
@@ -102,25 +131,39 @@ class DynamicBatcher:
             while self._pending and self._running < self.concurrency:
                 # Share what is queued among the idle runs: two images and two free cores make
                 # two batches of one, not one batch of two with a core left idle.
-                size = min(self.max_batch, -(-len(self._pending) // (self.concurrency - self._running)))
+                size = min(self.batch_limit(), -(-len(self._pending) // (self.concurrency - self._running)))
                 batch, self._pending = self._pending[:size], self._pending[size:]
                 batch = [item for item in batch if not item[1].cancelled()]
                 if batch:
                     self._running += 1
+                    self.worker.running += 1
                     loop.create_task(self._run(batch))
 
-    def claim_idle_run(self) -> bool:
+    def batch_limit(self) -> int:
+        """The largest batch to form now: CONVSERVE_MAX_BATCH, and no more images than are
+        expected to finish within the target (at least one)."""
+        if self.target_s is None:
+            return self.max_batch
+        return self.cost.largest_within(self.target_s, self.max_batch)
+
+    def claim_idle_run(self) -> IdleRun | None:
         """Take a free run for one image outside the queue, when nothing is queued and a run
         is free: the caller runs the model itself (no hand-over to the inference thread at
-        low load) and must call :meth:`release_run`. False when the queue is the way."""
+        low load) and must call :meth:`release_run`. None when the queue is the way."""
         if self._pending or self._running >= self.concurrency:
-            return False
+            return None
+        alone = self.worker.running == 0
         self._running += 1
-        return True
+        self.worker.running += 1
+        return IdleRun(alone)
 
-    def release_run(self, size: int, seconds: float | None) -> None:
-        """A claimed run is over (``seconds`` None if it failed)."""
+    def release_run(self, size: int, seconds: float | None, threads: int | None = None) -> None:
+        """A claimed run is over (``seconds`` None if it failed); ``threads``: it ran on other
+        than the batches' threads (a lone image on every core), so its cost says nothing
+        about theirs."""
         self._done()
+        if seconds is not None and (threads is None or threads == self.threads):
+            self.cost.observe(size, seconds)
         if self.on_batch and seconds is not None:
             try:
                 self.on_batch(size, seconds)
@@ -130,6 +173,7 @@ class DynamicBatcher:
     def _done(self) -> None:
         """A run finished: free its slot and look at the queue again."""
         self._running -= 1
+        self.worker.running -= 1
         if self._wakeup is not None:
             self._wakeup.set()
 
@@ -149,9 +193,10 @@ class DynamicBatcher:
             if len(outputs) != len(batch):
                 raise RuntimeError(f"the model returned {len(outputs)} results for a batch of {len(batch)}")
             elapsed = time.perf_counter() - start
+            self.cost.observe(len(batch), elapsed)
             for (_, fut, queued), out in zip(batch, outputs):
                 if not fut.done():
-                    fut.set_result(BatchResult(out, len(batch), queued, start))
+                    fut.set_result(BatchResult(out, len(batch), queued, start, self.threads))
         except BaseException as exc:  # the model or the split failed: every caller in the batch hears it
             for _, fut, _ in batch:
                 if not fut.done():

@@ -70,6 +70,7 @@ class Inferred:
     decoded: float
     inferred: float
     heavy: bool = False  # an image over CONVSERVE_HEAVY_PIXELS: its work runs in the heavy lane
+    threads: int = 1  # ONNX Runtime intra-op threads of the run (the most, if several)
 
 
 def preprocess(data: bytes, contract: ModelContract, settings: Settings) -> Prepared:
@@ -122,16 +123,19 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         heavy = self.is_heavy(images)
         pool = self.heavy_pool if heavy else self.pool
-        if len(images) == 1 and not heavy and served.batcher.claim_idle_run():
-            # Low load: the model is idle, so decode and run it in one thread, with no queue. Not
-            # for a heavy image: its run would be claimed for the whole of its long decode, and
-            # ordinary requests would queue behind it (measured: p99 2.3 s under a stream of them).
+        claim = served.batcher.claim_idle_run() if len(images) == 1 and not heavy else None
+        if claim is not None:
+            # Low load: the model is idle, so decode and run it in one thread, with no queue (on
+            # every core when the whole worker is idle: service.placement). Not for a heavy image:
+            # its run would be claimed for the whole of its long decode, and ordinary requests
+            # would queue behind it (measured: p99 2.3 s under a stream of them).
             ort_seconds: float | None = None
+            threads = served.model.threads_for(claim.alone)
             try:
                 prepared, batched, t1, ort_seconds = await loop.run_in_executor(
-                    pool, _decode_and_run, images[0], served, self.settings, prepare)
+                    pool, _decode_and_run, images[0], served, self.settings, prepare, claim.alone)
             finally:
-                served.batcher.release_run(1, ort_seconds)
+                served.batcher.release_run(1, ort_seconds, threads)
             tracing.interval("decode", t0, t1, images=1)
         else:
             with tracing.span("decode", images=len(images)):
@@ -142,7 +146,7 @@ class Pipeline:
         t2 = time.perf_counter()
         _observe(served, batched, t1, t2)
         return Inferred(served, prepared, [b.outputs for b in batched], max(b.batch_size for b in batched), t0, t1, t2,
-                        heavy)
+                        heavy, max(b.threads for b in batched))
 
     async def run_arrays(self, served: ServedModel, arrays: np.ndarray) -> Inferred:
         """Run model-ready uint8 [N, H, W, C] images (their geometry is the identity)."""
@@ -153,7 +157,8 @@ class Pipeline:
         batched = await _each([served.batcher.submit(a) for a in arrays])
         t2 = time.perf_counter()
         _observe(served, batched, t0, t2)
-        return Inferred(served, prepared, [b.outputs for b in batched], max(b.batch_size for b in batched), t0, t0, t2)
+        return Inferred(served, prepared, [b.outputs for b in batched], max(b.batch_size for b in batched), t0, t0, t2,
+                        threads=max(b.threads for b in batched))
 
     async def results(self, endpoint: Endpoint, inferred: Inferred, options: dict[str, Any]) -> list[dict[str, Any]]:
         """The endpoint's JSON-ready result for every image (off the loop when it is heavy)."""
@@ -190,7 +195,8 @@ class Pipeline:
         timing = {"decode_ms": round((inferred.decoded - inferred.started) * 1e3, 3),
                   "inference_ms": round((inferred.inferred - inferred.decoded) * 1e3, 3),
                   "postprocess_ms": round((t3 - inferred.inferred) * 1e3, 3),
-                  "total_ms": round((t3 - inferred.started) * 1e3, 3), "batch_size": inferred.batch_size}
+                  "total_ms": round((t3 - inferred.started) * 1e3, 3), "batch_size": inferred.batch_size,
+                  "threads": inferred.threads}
         images = [p.info for p in inferred.prepared]
         body: dict[str, Any] = {"model": {"name": served.model.name, "version": served.model.version}}
         if len(results) == 1:
@@ -242,15 +248,15 @@ async def _each(awaitables: list[Any]) -> list[Any]:
     return results
 
 
-def _decode_and_run(data: bytes, served: ServedModel, settings: Settings, prepare: Prepare
+def _decode_and_run(data: bytes, served: ServedModel, settings: Settings, prepare: Prepare, alone: bool
                     ) -> tuple[list[Prepared], list[BatchResult], float, float]:
-    """One image, decoded and run in this thread: its preparation, outputs, when the run
-    started and the seconds ONNX Runtime took."""
+    """One image, decoded and run in this thread (on the lone session when ``alone``): its
+    preparation, outputs, when the run started and the seconds ONNX Runtime took."""
     prepared = prepare(data, served.model.contract, settings)
     start = time.perf_counter()
-    (outputs,) = served.model.infer(prepared.array[None])
+    (outputs,) = served.model.infer(prepared.array[None], lone=alone)
     ort_seconds = time.perf_counter() - start
-    return [prepared], [BatchResult(outputs, 1, start, start)], start, ort_seconds
+    return [prepared], [BatchResult(outputs, 1, start, start, served.model.threads_for(alone))], start, ort_seconds
 
 
 def _results(endpoint: Endpoint, outputs: list[Outputs], geometries: list[Geometry], contract: ModelContract,

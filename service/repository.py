@@ -35,23 +35,42 @@ import numpy as np
 
 from core.errors import ContractError, DeviceUnavailable, InvalidModel, ModelNotFound, RepositoryError, WrongTask
 from core.repository import ModelEntry, discover, scan, version_key
-from core.runtime import OnnxModel
-from service.batching import DynamicBatcher
+from core.runtime import OnnxModel, cuda_driver_present
+from service import placement as placements
+from service.batch_cost import default_target
+from service.batching import DynamicBatcher, WorkerRuns
 from service.endpoints import ENDPOINTS, TASK_ENDPOINTS, Endpoint
+from service.placement import Placement, Profile
 from service.settings import Settings
 
 log = logging.getLogger("convserve.repository")
 FileId = tuple[int, int, int]  # inode, size, mtime (ns) of a model.onnx
 
 
-def check_repository(settings: Settings) -> list[ModelEntry]:
+def on_cpu(settings: Settings) -> bool:
+    """Whether models will run on the CPU (no CUDA asked for, or none to be had)."""
+    return settings.device == "cpu" or (settings.device == "auto" and not cuda_driver_present())
+
+
+def measured(settings: Settings) -> bool:
+    """Whether placements are measured (service.placement) rather than set or moot."""
+    return settings.placement == "auto" and settings.ort_threads > 1 and on_cpu(settings)
+
+
+def check_repository(settings: Settings) -> tuple[list[ModelEntry], dict[str, Profile]]:
     """Check the repository as a worker will load it: every model.onnx opens in ONNX Runtime
     (on CPU) with a contract that agrees with its graph; an explicit CUDA request can really
-    be met. Raises RepositoryError naming the file."""
+    be met. Raises RepositoryError naming the file. Also measures each model for its
+    placement when that is measured (service.placement), keyed by placement.file_key."""
     found = discover(settings.model_root, settings.model_name)
+    profiles: dict[str, Profile] = {}
     for entry in found:
         model = open_model(entry, "cpu", 1)
-        checked_warm_up(model, settings.max_batch_for(model.providers))
+        batch = settings.max_batch_for(model.providers)
+        checked_warm_up(model, batch)
+        if measured(settings):
+            del model
+            profiles[placements.file_key(entry.path)] = placements.measure(entry.path, settings.ort_threads, batch)
     if settings.device == "cuda":
         from core.runtime import create_session
 
@@ -59,7 +78,7 @@ def check_repository(settings: Settings) -> list[ModelEntry]:
             create_session(found[0].path, "cuda", 1)
         except DeviceUnavailable as exc:
             raise RepositoryError(str(exc)) from None
-    return found
+    return found, profiles
 
 
 class Refused(RepositoryError):
@@ -90,10 +109,10 @@ def reason_for(exc: BaseException) -> str:
     return "the model could not be loaded" + LOG_ONLY
 
 
-def open_model(entry: ModelEntry, device: str, threads: int) -> OnnxModel:
+def open_model(entry: ModelEntry, device: str, threads: int, lone_threads: int | None = None) -> OnnxModel:
     """``entry``'s file in ONNX Runtime, its contract checked; :class:`Refused` naming the file."""
     try:
-        return OnnxModel.load(entry.path, entry.name, entry.version, device, threads)
+        return OnnxModel.load(entry.path, entry.name, entry.version, device, threads, lone_threads)
     except InvalidModel as exc:
         raise Refused(entry.path, f"invalid model: {exc}", reason_for(exc)) from None
 
@@ -124,6 +143,25 @@ def warm_up(model: OnnxModel, max_batch: int, concurrent: int, executor: ThreadP
     else:
         model.infer(largest)
     model.check_answer(model.infer(largest[:1])[0])  # graphs that leave the class count symbolic
+    if model.lone_session is not None:
+        model.infer(largest[:1], lone=True)
+
+
+def batch_costs(model: OnnxModel, max_batch: int) -> dict[int, float]:
+    """Seconds of one image and of the largest batch on the batch session, after warm-up
+    (the median of three runs for one image, one run of the batch): BatchCost's seed."""
+    i = model.contract.input
+    largest = np.full((min(max_batch, model.contract.batch.max_size or max_batch), i.height, i.width, i.channels),
+                      i.pad_value, np.uint8)
+    costs = {}
+    for images, reps in ((largest[:1], 3), (largest, 1)):
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            model.infer(images)
+            times.append(time.perf_counter() - t)
+        costs[len(images)] = sorted(times)[len(times) // 2]
+    return costs
 
 
 def _highest(versions: dict[str, Any]) -> str:
@@ -143,6 +181,7 @@ def file_id(path: Path) -> FileId | None:
 class ServedModel:
     model: OnnxModel
     batcher: DynamicBatcher
+    placement: Placement
     file: FileId | None = None
     loaded_at: float = field(default_factory=time.time)
 
@@ -161,7 +200,10 @@ class ServedModel:
                       "color": c.input.color, "resize": c.input.resize, "dtype": c.input.dtype,
                       "layout": c.input.layout},
             "outputs": {k: v for k, v in (("embedding", c.outputs.embedding), ("cam", c.outputs.cam)) if v},
-            "batch": {"dynamic": c.batch.dynamic, "size": c.batch.size, "max_batch": self.batcher.max_batch},
+            "batch": {"dynamic": c.batch.dynamic, "size": c.batch.size, "max_batch": self.batcher.max_batch,
+                      "target_ms": round(self.batcher.target_s * 1e3, 1) if self.batcher.target_s else None,
+                      "limit_now": self.batcher.batch_limit()},
+            "placement": self.placement.describe(),
             "providers": self.model.providers,
             "provenance": {k: v for k, v in c.provenance.items()
                            if k in ("architecture", "dataset", "metrics", "exported_at")},
@@ -189,8 +231,10 @@ class ModelRepository:
 
     def __init__(self, settings: Settings, on_batch: Callable[[str, int, float], None] | None = None) -> None:
         self.settings, self.on_batch = settings, on_batch
-        # Up to inference_threads batches run at once (each on ort_threads cores), shared by all models.
+        # Up to inference_threads batches at once (on how many threads: service.placement), for all models.
         self.executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="ort")
+        self.runs = WorkerRuns()
+        self.profiles = placements.load_profiles() if measured(settings) else {}
         self.models: dict[str, dict[str, ServedModel]] = {}
         # refused files: path relative to the model root -> (why, in convserve's words; the file refused)
         self.errors: dict[str, tuple[str, FileId | None]] = {}
@@ -203,7 +247,8 @@ class ModelRepository:
         """Open ``entry`` (whose file is ``ident``) with its batcher, not yet warmed up;
         RepositoryError naming the file."""
         s = self.settings
-        model = open_model(entry, s.device, s.ort_threads)
+        place = self.placement_of(entry)
+        model = open_model(entry, s.device, place.session_threads, place.lone_threads)
         wanted = s.max_batch_for(model.providers)
         fixed = model.contract.batch.max_size
         on_batch = self.on_batch
@@ -212,16 +257,44 @@ class ModelRepository:
             max_batch=min(wanted, fixed) if fixed else wanted,
             max_wait_ms=s.batch_wait_ms, max_pending_images=s.max_requests * s.max_images,
             on_batch=(lambda n, sec, ref=entry.ref: on_batch(ref, n, sec)) if on_batch else None,
-            concurrency=s.inference_threads,
+            concurrency=min(place.runs, s.inference_threads), worker=self.runs, threads=place.session_threads,
         )
-        log.info("loaded %s (%s) from %s on %s", entry.ref, model.contract.task, entry.path, model.providers)
-        return ServedModel(model, batcher, ident)
+        log.info("loaded %s (%s) from %s on %s; %s: %s", entry.ref, model.contract.task, entry.path, model.providers,
+                 place.mode, place.reason)
+        return ServedModel(model, batcher, place, ident)
+
+    def placement_of(self, entry: ModelEntry) -> Placement:
+        """How ``entry`` uses the worker's cores: CONVSERVE_PLACEMENT, or measured
+        (service.placement; by the start-up check, or now in a child process)."""
+        s = self.settings
+        if not on_cpu(s):
+            return placements.fixed("narrow", s.inference_threads, "a GPU runs it: intra-op threads do not matter")
+        if s.placement != "auto":
+            return placements.fixed(s.placement, s.ort_threads, "CONVSERVE_PLACEMENT")
+        if s.ort_threads <= 1:
+            return placements.fixed("narrow", 1, "one core per worker")
+        key = placements.file_key(entry.path)
+        profile = self.profiles.get(key)
+        if profile is None or profile.threads != s.ort_threads:
+            profile = placements.measure_in_child(entry.path, s.ort_threads, s.max_batch or 8)
+            self.profiles[key] = profile
+        return placements.choose(profile, s.lone_session_mb)
+
+    def seed_costs(self, served: ServedModel) -> None:
+        """Measure the batch session (:func:`batch_costs`) into the batcher's cost and set its
+        time target (CONVSERVE_BATCH_TARGET_MS, or service.batch_cost.default_target)."""
+        costs = batch_costs(served.model, served.batcher.max_batch)
+        for size, seconds in costs.items():
+            served.batcher.cost.observe(size, seconds)
+        t = self.settings.batch_target_ms
+        served.batcher.target_s = t / 1e3 if t else default_target(costs[1])
 
     def warm_up_all(self) -> None:
         """:func:`warm_up` every model, its largest batch on every inference thread at once."""
         for versions in self.models.values():
             for served in versions.values():
-                warm_up(served.model, served.batcher.max_batch, self.settings.inference_threads, self.executor)
+                warm_up(served.model, served.batcher.max_batch, served.batcher.concurrency, self.executor)
+                self.seed_costs(served)
         self.ready = True
 
     # --- serving ----------------------------------------------------------------------
@@ -339,6 +412,7 @@ class ModelRepository:
     def _load_and_warm(self, entry: ModelEntry, ident: FileId | None) -> ServedModel:
         served = self._load(entry, ident)
         checked_warm_up(served.model, served.batcher.max_batch)
+        self.seed_costs(served)
         return served
 
     async def watch(self, interval_s: float) -> None:

@@ -30,6 +30,8 @@ class Timing(BaseModel):
     postprocess_ms: float
     total_ms: float
     batch_size: int = Field(description="images in the (largest) ONNX Runtime run that served this request")
+    threads: int = Field(description="ONNX Runtime intra-op threads of that run: every core for a lone image of "
+                                     "a model that gains from them (README \"Heavy models\")")
 
 
 class Label(BaseModel):
@@ -148,7 +150,20 @@ class ModelInput(BaseModel):
 class ModelBatch(BaseModel):
     dynamic: bool
     size: int | None
-    max_batch: int = Field(description="largest batch the service forms for this model")
+    max_batch: int = Field(description="largest batch the service forms for this model (CONVSERVE_MAX_BATCH)")
+    target_ms: float | None = Field(description="time a batch may take (CONVSERVE_BATCH_TARGET_MS, or four "
+                                                "one-image runs, at least 25 ms)")
+    limit_now: int = Field(description="largest batch expected to finish within the target, from the costs "
+                                       "measured so far")
+
+
+class ModelPlacement(BaseModel):
+    mode: str = Field(description="narrow (one thread a run, a run per core), wide (one run on every core) or "
+                                  "both (a lone image on every core, batches narrow); README \"Heavy models\"")
+    batch_threads: int = Field(description="ONNX Runtime intra-op threads of a batch")
+    lone_threads: int = Field(description="intra-op threads of a lone image on an idle worker")
+    runs: int = Field(description="batches of this model in flight at once")
+    reason: str = Field(description="what was measured, or the setting that chose it")
 
 
 class ModelInfo(BaseModel):
@@ -163,6 +178,7 @@ class ModelInfo(BaseModel):
     input: ModelInput
     outputs: dict[str, str] = Field(description="optional outputs the model carries: embedding, cam")
     batch: ModelBatch
+    placement: ModelPlacement
     providers: list[str] = Field(description="the ONNX Runtime execution providers it really runs on")
     provenance: dict[str, Any]
 

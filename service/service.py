@@ -18,12 +18,13 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import bentoml
 
 from core.errors import ConfigError
-from service import balancing, bentoml_patches, lifecycle, tracing
+from service import balancing, bentoml_patches, lifecycle, placement, tracing
 from service.app import app
 from service.auth import AuthMiddleware
 from service.endpoints import ENDPOINTS
@@ -102,6 +103,12 @@ class ConvServe:
         if r.returncode != 0:
             lines = r.stderr.strip().splitlines()
             raise SystemExit(lines[-1] if lines else f"convserve: start-up check failed ({r.returncode})")
+        profiles = r.stdout.strip().splitlines()[-1:] or ["{}"]
+        fd, name = tempfile.mkstemp(prefix="convserve-placement-", suffix=".json")
+        with os.fdopen(fd, "w") as fh:  # the measured profiles, for the workers (service.placement)
+            fh.write(profiles[0])
+        os.environ[placement.ENV] = name
+        atexit.register(Path(name).unlink, missing_ok=True)
         workers = _workers()
         if workers > 1:  # the workers, started after this hook, inherit the shared file's path
             path = balancing.create_file(workers)
@@ -136,7 +143,8 @@ class ConvServe:
         # What exists now lives as long as the worker: keep full collections from walking it.
         gc.collect()
         gc.freeze()
-        log.info("ready: %d model(s) loaded and warmed up", sum(len(v) for v in repo.models.values()))
+        log.info("ready: %d model(s) loaded and warmed up; %s", sum(len(v) for v in repo.models.values()),
+                 s.machine.reason if s.machine else "")
 
     def is_ready(self) -> bool:
         """Every model loaded and warmed up, and not shutting down."""

@@ -5,11 +5,14 @@
 | CONVSERVE_MODEL_ROOT | <repo>/models | model repository: <name>/<version>/model.onnx, or one model (scan) |
 | CONVSERVE_MODEL_NAME | file or folder name | the model's name when the root holds one (KServe's /mnt/models) |
 | CONVSERVE_DEVICE | auto | auto (CUDA only if it really initialises) / cpu / cuda (fail if not) |
-| CONVSERVE_WORKERS | 1 | BentoML worker processes |
-| CONVSERVE_INFERENCE_THREADS | cores / workers | ONNX Runtime runs at once per worker (batches in flight) |
-| CONVSERVE_ORT_THREADS | 1 | ONNX Runtime intra-op threads per run |
+| CONVSERVE_WORKERS | ceil(cores / 4) | BentoML worker processes (machine_defaults) |
+| CONVSERVE_INFERENCE_THREADS | cores / workers | one-thread ONNX Runtime runs at once per worker (batches in flight) |
+| CONVSERVE_ORT_THREADS | cores / workers | intra-op threads of a run that uses every core (service.placement) |
+| CONVSERVE_PLACEMENT | auto | how models use the cores: auto (measured per model), narrow, wide or both |
+| CONVSERVE_LONE_SESSION_MB | 128 | memory a second session for lone images may cost per model (auto placement) |
 | CONVSERVE_DECODE_THREADS | cores / workers | threads decoding uploads, per worker (bounds the pixels in flight) |
 | CONVSERVE_MAX_BATCH | 8 on CPU, 32 on CUDA | largest batch the dynamic batcher forms |
+| CONVSERVE_BATCH_TARGET_MS | auto | time a batch may take (auto: 4 one-image runs, >= 25 ms; service.batch_cost) |
 | CONVSERVE_BATCH_WAIT_MS | 0 | how long an idle batcher waits for company (0: batch what is queued) |
 | CONVSERVE_MAX_QUEUE | 64 | requests a worker holds (reading, decoding, queued, running); more wait, unread |
 | CONVSERVE_ADMISSION_WAIT_MS | 1000 | how long a request waits, unread, for one of those slots before 503 |
@@ -44,6 +47,8 @@ from core.errors import ConfigError
 
 DEFAULT_MODEL_ROOT = Path(__file__).resolve().parent.parent / "models"
 DEVICES = ("auto", "cpu", "cuda")
+PLACEMENTS = ("auto", "narrow", "wide", "both")  # service.placement.MODES, or measured
+CORES_PER_WORKER = 4  # one worker's event loop answers ~4 cores' worth of light-model requests (README "Heavy models")
 
 
 def _number(name: str, default: Any, minimum: Any, kind: type) -> Any:
@@ -119,6 +124,30 @@ def available_cores() -> int:
 
 
 @dataclass(frozen=True)
+class MachineDefaults:
+    """What the core count alone decides, and why (logged once at start-up)."""
+
+    cores: int
+    workers: int
+    cores_per_worker: int
+
+    @property
+    def reason(self) -> str:
+        return (f"{self.cores} core(s) for this process (affinity and cgroup quota): {self.workers} worker(s), one per "
+                f"{CORES_PER_WORKER} cores or fewer, each with {self.cores_per_worker} core(s) for decoding and "
+                "inference")
+
+
+def machine_defaults(cores: int, workers: int | None = None) -> MachineDefaults:
+    """Workers and cores per worker for ``cores`` cores (``workers`` when set): a worker per
+    CORES_PER_WORKER cores, so that no event loop has to feed more cores than it can, and the
+    cores shared evenly. 1 core: 1 worker with 1; 2: 1 with 2; 16: 4 workers with 4 each."""
+    cores = max(1, cores)
+    chosen = workers if workers else max(1, -(-cores // CORES_PER_WORKER))
+    return MachineDefaults(cores, chosen, max(1, cores // chosen))
+
+
+@dataclass(frozen=True)
 class Settings:
     model_root: Path
     device: str
@@ -149,6 +178,10 @@ class Settings:
     head_timeout_s: float = 10.0
     keepalive_s: float = 5.0
     model_name: str | None = None  # CONVSERVE_MODEL_NAME: the name of a repository of one model
+    placement: str = "auto"  # CONVSERVE_PLACEMENT (service.placement)
+    lone_session_mb: float = 128.0  # CONVSERVE_LONE_SESSION_MB (service.placement.choose)
+    batch_target_ms: float | None = None  # None: service.batch_cost.default_target
+    machine: MachineDefaults | None = None  # what the core count decided
 
     def max_batch_for(self, providers: list[str]) -> int:
         """CONVSERVE_MAX_BATCH, or the default for where the model runs: on a CPU larger
@@ -163,14 +196,18 @@ class Settings:
         device = os.environ.get("CONVSERVE_DEVICE", "auto").lower()
         if device not in DEVICES:
             raise ConfigError(f"CONVSERVE_DEVICE={device!r} must be one of {DEVICES}")
-        workers = _int("CONVSERVE_WORKERS", 1, 1)
+        placement = os.environ.get("CONVSERVE_PLACEMENT", "auto").lower() or "auto"
+        if placement not in PLACEMENTS:
+            raise ConfigError(f"CONVSERVE_PLACEMENT={placement!r} must be one of {PLACEMENTS}")
+        machine = machine_defaults(available_cores(), _int("CONVSERVE_WORKERS", 0, 1) or None)
+        per_worker = machine.cores_per_worker
         return cls(
             model_root=Path(os.environ.get("CONVSERVE_MODEL_ROOT") or DEFAULT_MODEL_ROOT),
             device=device,
-            workers=workers,
-            inference_threads=_int("CONVSERVE_INFERENCE_THREADS", max(1, available_cores() // workers), 1),
-            ort_threads=_int("CONVSERVE_ORT_THREADS", 1, 1),
-            decode_threads=_int("CONVSERVE_DECODE_THREADS", max(1, available_cores() // workers), 1),
+            workers=machine.workers,
+            inference_threads=_int("CONVSERVE_INFERENCE_THREADS", per_worker, 1),
+            ort_threads=_int("CONVSERVE_ORT_THREADS", per_worker, 1),
+            decode_threads=_int("CONVSERVE_DECODE_THREADS", per_worker, 1),
             max_batch=_int("CONVSERVE_MAX_BATCH", 0, 1) or None,
             batch_wait_ms=_int("CONVSERVE_BATCH_WAIT_MS", 0, 0),
             max_requests=_int("CONVSERVE_MAX_QUEUE", 64, 1),
@@ -194,4 +231,8 @@ class Settings:
             head_timeout_s=_float("CONVSERVE_HEAD_TIMEOUT_S", 10.0, 0.5),
             keepalive_s=_float("CONVSERVE_KEEPALIVE_S", 5.0, 0.5),
             model_name=_model_name(),
+            placement=placement,
+            lone_session_mb=_float("CONVSERVE_LONE_SESSION_MB", 128.0, 0.0),
+            batch_target_ms=_float("CONVSERVE_BATCH_TARGET_MS", 0.0, 0.0) or None,
+            machine=machine,
         )

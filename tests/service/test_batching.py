@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batching import BatchResult, DynamicBatcher
+from service.batching import BatchResult, DynamicBatcher, WorkerRuns
 from service.errors import Overloaded
 
 
@@ -154,3 +154,63 @@ def test_an_idle_run_can_be_claimed_outside_the_queue_and_is_given_back() -> Non
 
     (result,) = _run(main())
     assert int(result.outputs["y"]) == 24 and sorted(batches) == [1, 1, 1]
+
+
+def _costly(batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """A fake model whose run costs 10 ms an image."""
+    time.sleep(0.010 * len(batch))
+    return [{"y": np.array(x.sum())} for x in batch]
+
+
+def test_batches_are_bounded_by_time_as_well_as_count() -> None:
+    """A model that costs 10 ms an image, a 45 ms target: with 40 images queued, batches hold
+    at most four (40 ms), not the count cap's eight, and the queue is still batched."""
+    sizes, seconds = [], []
+    b = DynamicBatcher(_costly, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=0, max_pending_images=100,
+                       on_batch=lambda n, s: (sizes.append(n), seconds.append(s)), target_s=0.045)
+
+    async def main():
+        # What warm-up measures (service.repository.batch_costs): one image and the largest batch.
+        for n in (1, 8):
+            b.cost.observe(n, _timed(_costly, n))
+        return await asyncio.gather(*(b.submit(np.full((2, 2, 3), i, np.uint8)) for i in range(40)))
+
+    results = _run(main())
+    assert [int(r.outputs["y"]) for r in results] == [i * 12 for i in range(40)]
+    assert sum(sizes) == 40 and max(sizes) <= 4 and sizes.count(4) >= 5, sizes
+    # Each batch's own cost (10 ms an image, known to the fake model) is within the target.
+    assert all(0.010 * n <= 0.045 for n in sizes)
+    assert b.batch_limit() in (3, 4)  # 3 only if this machine's sleeps overshoot by over 5 ms
+
+
+def test_without_a_target_batches_are_bounded_by_count_only() -> None:
+    sizes = []
+    b = DynamicBatcher(_costly, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=0, max_pending_images=100,
+                       on_batch=lambda n, s: sizes.append(n))
+
+    async def main():
+        return await asyncio.gather(*(b.submit(np.full((2, 2, 3), i, np.uint8)) for i in range(24)))
+
+    _run(main())
+    assert max(sizes) == 8
+
+
+def test_a_claimed_run_says_whether_the_whole_worker_was_idle() -> None:
+    """Two models' batchers share one WorkerRuns: a lone image may take every core only when
+    no run of any model is in flight."""
+    worker = WorkerRuns()
+    a = DynamicBatcher(_costly, ThreadPoolExecutor(1), 8, 0, 10, concurrency=2, worker=worker)
+    c = DynamicBatcher(_costly, ThreadPoolExecutor(1), 8, 0, 10, concurrency=2, worker=worker)
+    first = a.claim_idle_run()
+    assert first is not None and first.alone
+    second = c.claim_idle_run()
+    assert second is not None and not second.alone  # the other model is running
+    a.release_run(1, 0.01)
+    c.release_run(1, 0.01)
+    assert worker.running == 0 and a.claim_idle_run().alone
+
+
+def _timed(fn, n: int) -> float:
+    t = time.perf_counter()
+    fn(np.zeros((n, 2, 2, 3), np.uint8))
+    return time.perf_counter() - t

@@ -27,9 +27,9 @@ class Server:
 
 
 def start_server(model_root: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 120.0,
-                 ready_headers: dict[str, str] | None = None) -> Server:
-    """``bentoml serve`` on a free loopback port; returns once /readyz answers 200 (asked with
-    ``ready_headers``, e.g. an API key when health is closed)."""
+                 ready_headers: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> Server:
+    """``bentoml serve`` on a free loopback port (run under ``prefix``, e.g. taskset); returns
+    once /readyz answers 200 (asked with ``ready_headers``, e.g. an API key when health is closed)."""
     port = free_port()
     # Each server gets its own BENTOML_HOME: BentoML keeps its Prometheus multiprocess files
     # there, and two servers sharing one directory corrupt each other's /metrics.
@@ -38,7 +38,7 @@ def start_server(model_root: Path, log: Path, env: dict[str, str] | None = None,
                 "BENTOML_HOME": str(home), **(env or {})}
     fh = open(log, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service.service:ConvServe",
+        [*prefix, sys.executable, "-m", "bentoml", "serve", "service.service:ConvServe",
          "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
