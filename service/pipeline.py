@@ -135,7 +135,7 @@ class Pipeline:
                 prepared, batched, t1, ort_seconds = await loop.run_in_executor(
                     pool, _decode_and_run, images[0], served, self.settings, prepare, claim.alone)
             finally:
-                served.batcher.release_run(1, ort_seconds, threads)
+                served.batcher.release_run(1, ort_seconds, threads, claim.alone)
             tracing.interval("decode", t0, t1, images=1)
         else:
             with tracing.span("decode", images=len(images)):

@@ -130,6 +130,7 @@ class ConvServe:
         repo = ModelRepository(s, on_batch=observe_batch)
         repo.warm_up_all()
         admission = Admission(s.max_requests, s.max_inflight_bytes, s.admission_wait_ms / 1e3, s.max_waiting)
+        repo.runs.requests = lambda: admission.requests  # a lone image is one the worker holds alone
         # BentoML builds the service inside the worker's running event loop, in its main thread.
         loop = asyncio.get_running_loop()
         drain = lifecycle.Drain(lambda: admission.requests, admission.close, s.grace_s)

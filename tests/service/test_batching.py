@@ -208,6 +208,20 @@ def test_a_claimed_run_says_whether_the_whole_worker_was_idle() -> None:
     a.release_run(1, 0.01)
     c.release_run(1, 0.01)
     assert worker.running == 0 and a.claim_idle_run().alone
+    a.release_run(1, 0.01)
+    worker.requests = lambda: 2  # another request is being read or decoded: not alone
+    assert not a.claim_idle_run().alone
+
+
+def test_only_runs_that_had_the_cores_to_themselves_teach_the_cost() -> None:
+    """Runs that share the cores take longer by the sharing; were their times kept, the time
+    bound would tighten as load grows, down to batches of one."""
+    b = DynamicBatcher(_costly, ThreadPoolExecutor(2), 8, 0, 100, concurrency=2, target_s=0.045)
+    first, second = b.claim_idle_run(), b.claim_idle_run()
+    assert first.alone and not second.alone
+    b.release_run(1, 0.010, alone=first.alone)
+    b.release_run(1, 0.500, alone=second.alone)  # slowed by the other run: not kept
+    assert b.cost.seen == {1: 0.010}
 
 
 def _timed(fn, n: int) -> float:
