@@ -111,11 +111,12 @@ class ServerProcess:
 
 def start_service(env: dict[str, str]) -> ServerProcess:
     """``bentoml serve`` of this checkout (the shipped models unless ``env`` says otherwise),
-    with a BENTOML_HOME of its own."""
+    with a BENTOML_HOME and a gRPC port of its own (loopback)."""
     return ServerProcess(["-m", "bentoml", "serve", "service.service:ConvServe", "--host", "127.0.0.1", "--port",
                           "{port}"],
                          {"BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-"), "BENTOML_DO_NOT_TRACK": "true",
-                          **env}, "/readyz")
+                          "CONVSERVE_GRPC_PORT": str(free_port()), "CONVSERVE_GRPC_HOST": "127.0.0.1", **env},
+                         "/readyz")
 
 
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:

@@ -133,19 +133,44 @@ class ConvServe:
         repo.runs.requests = lambda: admission.requests  # a lone image is one the worker holds alone
         # BentoML builds the service inside the worker's running event loop, in its main thread.
         loop = asyncio.get_running_loop()
-        drain = lifecycle.Drain(lambda: admission.requests, admission.close, s.grace_s)
+        drain = lifecycle.Drain(lambda: admission.requests, lambda: self._stop_admitting(admission), s.grace_s)
         drain.install(loop)
         self.worker = Worker(
             settings=s, repo=repo, pipeline=Pipeline(repo, s), admission=admission,
             limits=Limits(max_bytes=s.max_bytes, max_images=s.max_images, timeout_s=s.body_timeout_s),
             balancer=balancing.Balancer.from_env(bentoml.server_context.worker_index - 1, s.workers), drain=drain)
         self.watcher = loop.create_task(repo.watch(s.poll_s)) if s.poll_s > 0 else None
+        self.grpc = None
+        if s.grpc_port:  # the v2 gRPC service, in this worker's event loop (service.grpc_v2)
+            from core import __version__
+            from service import grpc_v2
+
+            self.grpc = grpc_v2.start(self.worker, s.grpc_host, s.grpc_port, __version__)
+            self._grpc_started = loop.create_task(self._start_grpc())
         attach(app, self.worker)
         # What exists now lives as long as the worker: keep full collections from walking it.
         gc.collect()
         gc.freeze()
         log.info("ready: %d model(s) loaded and warmed up; %s", sum(len(v) for v in repo.models.values()),
                  s.machine.reason if s.machine else "")
+
+    async def _start_grpc(self) -> None:
+        from service import grpc_v2
+
+        await self.grpc.start()
+        await grpc_v2.set_serving(self.grpc, True)
+        log.info("gRPC (Open Inference Protocol v2) on %s:%d", self.worker.settings.grpc_host,
+                 self.worker.settings.grpc_port)
+
+    def _stop_admitting(self, admission) -> None:
+        """Draining: no new requests, and gRPC health says NOT_SERVING to load balancers."""
+        admission.close()
+        if self.grpc is not None:
+            import asyncio
+
+            from service import grpc_v2
+
+            asyncio.get_running_loop().create_task(grpc_v2.set_serving(self.grpc, False))
 
     def is_ready(self) -> bool:
         """Every model loaded and warmed up, and not shutting down."""

@@ -33,6 +33,8 @@
 | CONVSERVE_ACCESS_LOG | 0 | 1: one log line per inference request (method, path, status, ms, model, request id) |
 | CONVSERVE_MAX_HEAD_BYTES | 65536 | largest request line + headers (64 KiB); more: 431, connection closed |
 | CONVSERVE_HEAD_TIMEOUT_S | 10 | seconds from connecting (or a head's first byte) to the head's end; then closed |
+| CONVSERVE_GRPC_PORT | 8001 | port of the v2 gRPC service, shared by every worker (0: no gRPC; service.grpc_v2) |
+| CONVSERVE_GRPC_HOST | 0.0.0.0 | address the gRPC service listens on |
 | CONVSERVE_KEEPALIVE_S | 5 | seconds an idle keep-alive connection stays open between requests (BentoML's default) |
 """
 
@@ -72,6 +74,13 @@ def _int(name: str, default: int, minimum: int = 0) -> int:
 
 def _float(name: str, default: float, minimum: float = 0.0) -> float:
     return _number(name, default, minimum, float)
+
+
+def _port(name: str, default: int) -> int:
+    port = _int(name, default, 0)
+    if port > 65535:
+        raise ConfigError(f"{name}={port} is not a port (0-65535)")
+    return port
 
 
 MIN_KEY_LENGTH = 16
@@ -180,6 +189,8 @@ class Settings:
     model_name: str | None = None  # CONVSERVE_MODEL_NAME: the name of a repository of one model
     placement: str = "auto"  # CONVSERVE_PLACEMENT (service.placement)
     lone_session_mb: float = 128.0  # CONVSERVE_LONE_SESSION_MB (service.placement.choose)
+    grpc_port: int = 0  # CONVSERVE_GRPC_PORT (0: no gRPC)
+    grpc_host: str = "0.0.0.0"
     batch_target_ms: float | None = None  # None: service.batch_cost.default_target
     machine: MachineDefaults | None = None  # what the core count decided
 
@@ -233,6 +244,8 @@ class Settings:
             model_name=_model_name(),
             placement=placement,
             lone_session_mb=_float("CONVSERVE_LONE_SESSION_MB", 128.0, 0.0),
+            grpc_port=_port("CONVSERVE_GRPC_PORT", 8001),
+            grpc_host=os.environ.get("CONVSERVE_GRPC_HOST", "").strip() or "0.0.0.0",
             batch_target_ms=_float("CONVSERVE_BATCH_TARGET_MS", 0.0, 0.0) or None,
             machine=machine,
         )

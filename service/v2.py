@@ -292,35 +292,8 @@ def parse_infer(body: bytes, header_length: int | None, served: ServedModel, max
         raise bad(f"{where}: the body has {len(binary)} binary bytes but no input says binary_data_size")
     elif "data" not in tensor:
         raise bad(f"{where}: no 'data' and no binary_data_size")
-    images: list[bytes] | None = None
-    arrays: np.ndarray | None = None
-    if datatype == "BYTES":
-        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise bad(f"{where}: a BYTES input of encoded images has shape [N]; got {shape}")
-        count = _checked_count(shape[0], max_images, where)
-        if size is not None:
-            images = _parse_bytes_binary(binary, count, where)
-        else:
-            images = [_b64(item, f"{where} element {k}")
-                      for k, item in enumerate(_elements(tensor["data"], count, where))]
-    elif datatype == "UINT8":
-        want = [spec.height, spec.width, spec.channels]
-        if len(shape) != 4 or shape[1:] != want:
-            raise bad(f"{where}: a UINT8 input has the model's shape [N, {', '.join(map(str, want))}]; got {shape}")
-        count = _checked_count(shape[0], max_images, where)
-        total = math.prod(shape)  # Python integers: no overflow, and count is bounded already
-        if size is not None:
-            if len(binary) != total:
-                raise bad(f"{where}: shape {shape} needs {total} bytes of binary data; got {len(binary)}")
-            arrays = np.frombuffer(binary, np.uint8).reshape(shape)
-        else:
-            items = _elements(tensor["data"], total, where)
-            if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in items):
-                raise bad(f"{where}: UINT8 data must be integers in 0..255")
-            arrays = np.asarray(items, np.uint8).reshape(shape)
-    else:
-        raise bad(f"{where}: datatype {datatype!r} is not accepted: send BYTES (encoded images, shape [N]) or UINT8 "
-                  f"(the model's input, shape [N, {spec.height}, {spec.width}, {spec.channels}])")
+    images, arrays = input_tensor(datatype, shape, binary if size is not None else None,
+                                  lambda count: _elements(tensor["data"], count, where), served, max_images, where)
     doc_params = doc.get("parameters") or {}
     if not isinstance(doc_params, dict):
         raise bad("'parameters' must be an object")
@@ -332,6 +305,41 @@ def parse_infer(body: bytes, header_length: int | None, served: ServedModel, max
     request_id = doc.get("id")
     return InferRequest(request_id if isinstance(request_id, str) else None, images, arrays, outputs, options,
                         explicit=doc.get("outputs") is not None)
+
+
+def input_tensor(datatype: Any, shape: list[int], raw: bytes | None, elements: Callable[[int], list[Any]],
+                 served: ServedModel, max_images: int, where: str) -> tuple[list[bytes] | None, np.ndarray | None]:
+    """The images of an input tensor, from ``raw`` bytes (binary data) or else ``elements(n)``
+    (the first n data elements, JSON or typed contents): encoded images for BYTES, the model's
+    tensor for UINT8; V2Error naming the problem. Counts are checked before data is read.
+    Shared by the REST and gRPC forms of the protocol."""
+    spec = served.model.contract.input
+    if datatype == "BYTES":
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise bad(f"{where}: a BYTES input of encoded images has shape [N]; got {shape}")
+        count = _checked_count(shape[0], max_images, where)
+        if raw is not None:
+            return _parse_bytes_binary(raw, count, where), None
+        # Typed gRPC contents carry the bytes themselves; JSON carries them in base64.
+        return [bytes(item) if isinstance(item, bytes) else _b64(item, f"{where} element {k}")
+                for k, item in enumerate(elements(count))], None
+    if datatype == "UINT8":
+        want = [spec.height, spec.width, spec.channels]
+        if len(shape) != 4 or shape[1:] != want:
+            raise bad(f"{where}: a UINT8 input has the model's shape [N, {', '.join(map(str, want))}]; got {shape}")
+        count = _checked_count(shape[0], max_images, where)
+        total = math.prod(shape)  # Python integers: no overflow, and count is bounded already
+        if raw is not None:
+            if len(raw) != total:
+                raise bad(f"{where}: shape {shape} needs {total} bytes of binary data; got {len(raw)}")
+            return None, np.frombuffer(raw, np.uint8).reshape(shape)
+        items = elements(total)
+        if len(items) != total or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+                                          for v in items):
+            raise bad(f"{where}: UINT8 data must be {total} integers in 0..255")
+        return None, np.asarray(items, np.uint8).reshape(shape)
+    raise bad(f"{where}: datatype {datatype!r} is not accepted: send BYTES (encoded images, shape [N]) or UINT8 "
+              f"(the model's input, shape [N, {spec.height}, {spec.width}, {spec.channels}])")
 
 
 def _checked_count(count: int, max_images: int, where: str) -> int:

@@ -157,17 +157,17 @@ def test_an_idle_run_can_be_claimed_outside_the_queue_and_is_given_back() -> Non
 
 
 def _costly(batch: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """A fake model whose run costs 10 ms an image."""
-    time.sleep(0.010 * len(batch))
+    """A fake model whose run costs 20 ms an image."""
+    time.sleep(0.020 * len(batch))
     return [{"y": np.array(x.sum())} for x in batch]
 
 
 def test_batches_are_bounded_by_time_as_well_as_count() -> None:
-    """A model that costs 10 ms an image, a 45 ms target: with 40 images queued, batches hold
-    at most four (40 ms), not the count cap's eight, and the queue is still batched."""
+    """A model that costs 20 ms an image, a 90 ms target: with 40 images queued, batches hold
+    at most four (80 ms), not the count cap's eight, and the queue is still batched."""
     sizes, seconds = [], []
     b = DynamicBatcher(_costly, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=0, max_pending_images=100,
-                       on_batch=lambda n, s: (sizes.append(n), seconds.append(s)), target_s=0.045)
+                       on_batch=lambda n, s: (sizes.append(n), seconds.append(s)), target_s=0.090)
 
     async def main():
         # What warm-up measures (service.repository.batch_costs): one image and the largest batch.
@@ -177,10 +177,11 @@ def test_batches_are_bounded_by_time_as_well_as_count() -> None:
 
     results = _run(main())
     assert [int(r.outputs["y"]) for r in results] == [i * 12 for i in range(40)]
-    assert sum(sizes) == 40 and max(sizes) <= 4 and sizes.count(4) >= 5, sizes
-    # Each batch's own cost (10 ms an image, known to the fake model) is within the target.
-    assert all(0.010 * n <= 0.045 for n in sizes)
-    assert b.batch_limit() in (3, 4)  # 3 only if this machine's sleeps overshoot by over 5 ms
+    # Each batch's own cost (20 ms an image, known to the fake model) is within the target, and
+    # the queue is still batched (batches of three when this machine's sleeps overshoot).
+    assert sum(sizes) == 40 and max(sizes) <= 4 and len(sizes) <= 14, sizes
+    assert all(0.020 * n <= 0.090 for n in sizes)
+    assert b.batch_limit() in (3, 4)
 
 
 def test_without_a_target_batches_are_bounded_by_count_only() -> None:
@@ -216,7 +217,7 @@ def test_a_claimed_run_says_whether_the_whole_worker_was_idle() -> None:
 def test_only_runs_that_had_the_cores_to_themselves_teach_the_cost() -> None:
     """Runs that share the cores take longer by the sharing; were their times kept, the time
     bound would tighten as load grows, down to batches of one."""
-    b = DynamicBatcher(_costly, ThreadPoolExecutor(2), 8, 0, 100, concurrency=2, target_s=0.045)
+    b = DynamicBatcher(_costly, ThreadPoolExecutor(2), 8, 0, 100, concurrency=2, target_s=0.090)
     first, second = b.claim_idle_run(), b.claim_idle_run()
     assert first.alone and not second.alone
     b.release_run(1, 0.010, alone=first.alone)

@@ -34,8 +34,11 @@ def start_server(model_root: Path, log: Path, env: dict[str, str] | None = None,
     # Each server gets its own BENTOML_HOME: BentoML keeps its Prometheus multiprocess files
     # there, and two servers sharing one directory corrupt each other's /metrics.
     home = log.parent / f"bentoml-home-{port}"
+    # Each server its own gRPC port too: every worker binds it with SO_REUSEPORT, so two servers
+    # on one port would share each other's gRPC connections.
     full_env = {**os.environ, "CONVSERVE_MODEL_ROOT": str(model_root), "BENTOML_DO_NOT_TRACK": "true",
-                "BENTOML_HOME": str(home), **(env or {})}
+                "BENTOML_HOME": str(home), "CONVSERVE_GRPC_PORT": str(free_port()), "CONVSERVE_GRPC_HOST": "127.0.0.1",
+                **(env or {})}
     fh = open(log, "wb")
     proc = subprocess.Popen(
         [*prefix, sys.executable, "-m", "bentoml", "serve", "service.service:ConvServe",
