@@ -45,6 +45,7 @@ log = logging.getLogger("convserve.batching")
 Outputs = dict[str, np.ndarray]
 RunBatch = Callable[[np.ndarray], list[Outputs]]  # uint8 [N, H, W, 3] -> one output dict per image
 OnBatch = Callable[[int, float], None]
+OnDropped = Callable[[int], None]  # images dropped because their callers went away
 _Item = tuple[np.ndarray, "asyncio.Future[BatchResult]", float]  # image, its future, when it was queued
 
 
@@ -91,7 +92,7 @@ class DynamicBatcher:
     def __init__(self, run_batch: RunBatch, executor: Executor, max_batch: int, max_wait_ms: float,
                  max_pending_images: int, on_batch: OnBatch | None = None, concurrency: int = 1,
                  cost: BatchCost | None = None, target_s: float | None = None, worker: WorkerRuns | None = None,
-                 threads: int = 1) -> None:
+                 threads: int = 1, on_dropped: OnDropped | None = None) -> None:
         self.run_batch, self.executor = run_batch, executor
         self.max_batch, self.max_wait = max(1, max_batch), max_wait_ms / 1000.0
         self.max_pending_images, self.concurrency = max_pending_images, max(1, concurrency)
@@ -99,6 +100,8 @@ class DynamicBatcher:
         self.cost, self.target_s = cost or BatchCost(), target_s  # target None: batches bounded by count only
         self.worker = worker or WorkerRuns()
         self.threads = threads
+        self.on_dropped = on_dropped
+        self.dropped = 0  # images never run: their callers were cancelled while they waited
         self._pending: list[_Item] = []
         self._running = 0
         self._wakeup: asyncio.Event | None = None
@@ -139,12 +142,25 @@ class DynamicBatcher:
                 # two batches of one, not one batch of two with a core left idle.
                 size = min(self.batch_limit(), -(-len(self._pending) // (self.concurrency - self._running)))
                 batch, self._pending = self._pending[:size], self._pending[size:]
-                batch = [item for item in batch if not item[1].cancelled()]
+                live = [item for item in batch if not item[1].cancelled()]
+                if len(live) < len(batch):
+                    self._drop(len(batch) - len(live))
+                batch = live
                 if batch:
                     alone = self.worker.running == 0
                     self._running += 1
                     self.worker.running += 1
                     loop.create_task(self._run(batch, alone))
+
+    def _drop(self, n: int) -> None:
+        """``n`` queued images whose callers went away (a gRPC cancel or deadline, a closed
+        stream, an HTTP client that disconnected): never run, counted."""
+        self.dropped += n
+        if self.on_dropped:
+            try:
+                self.on_dropped(n)
+            except Exception:
+                log.exception("on_dropped callback failed")
 
     def batch_limit(self) -> int:
         """The largest batch to form now: CONVSERVE_MAX_BATCH, and no more images than are

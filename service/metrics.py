@@ -50,6 +50,12 @@ REQUESTS_IN_FLIGHT = bentoml.metrics.Gauge(
     labelnames=[],
     multiprocess_mode="livesum",
 )
+DROPPED = bentoml.metrics.Counter(
+    name="convserve_dropped_images_total",
+    documentation="Images dropped from a model's queue unrun because their request was cancelled or its client "
+                  "went away, by model",
+    labelnames=["model"],
+)
 ERRORS = bentoml.metrics.Counter(
     name="convserve_errors_total",
     documentation="Requests answered with an error, by endpoint and error type",
@@ -67,6 +73,11 @@ def observe_batch(model: str, size: int, seconds: float) -> None:
     """One ONNX Runtime run of ``size`` images that took ``seconds``."""
     _child(BATCH_SIZE, model).observe(size)
     _child(INFERENCE_SECONDS, model).observe(seconds)
+
+
+def dropped(model: str, n: int) -> None:
+    """``n`` queued images of ``model`` dropped unrun: their callers went away."""
+    _child(DROPPED, model).inc(n)
 
 
 def queue_wait(model: str, seconds: float) -> None:

@@ -229,8 +229,9 @@ class ReloadReport:
 class ModelRepository:
     """All served models of one worker, plus the inference threads they share."""
 
-    def __init__(self, settings: Settings, on_batch: Callable[[str, int, float], None] | None = None) -> None:
-        self.settings, self.on_batch = settings, on_batch
+    def __init__(self, settings: Settings, on_batch: Callable[[str, int, float], None] | None = None,
+                 on_dropped: Callable[[str, int], None] | None = None) -> None:
+        self.settings, self.on_batch, self.on_dropped = settings, on_batch, on_dropped
         # Up to inference_threads batches at once (on how many threads: service.placement), for all models.
         self.executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="ort")
         self.runs = WorkerRuns()
@@ -251,13 +252,14 @@ class ModelRepository:
         model = open_model(entry, s.device, place.session_threads, place.lone_threads)
         wanted = s.max_batch_for(model.providers)
         fixed = model.contract.batch.max_size
-        on_batch = self.on_batch
+        on_batch, on_dropped = self.on_batch, self.on_dropped
         batcher = DynamicBatcher(
             model.infer, self.executor,
             max_batch=min(wanted, fixed) if fixed else wanted,
             max_wait_ms=s.batch_wait_ms, max_pending_images=s.max_requests * s.max_images,
             on_batch=(lambda n, sec, ref=entry.ref: on_batch(ref, n, sec)) if on_batch else None,
             concurrency=min(place.runs, s.inference_threads), worker=self.runs, threads=place.session_threads,
+            on_dropped=(lambda n, ref=entry.ref: on_dropped(ref, n)) if on_dropped else None,
         )
         log.info("loaded %s (%s) from %s on %s; %s: %s", entry.ref, model.contract.task, entry.path, model.providers,
                  place.mode, place.reason)
@@ -276,7 +278,11 @@ class ModelRepository:
         key = placements.file_key(entry.path)
         profile = self.profiles.get(key)
         if profile is None or profile.threads != s.ort_threads:
-            profile = placements.measure_in_child(entry.path, s.ort_threads, s.max_batch or 8)
+            try:
+                profile = placements.measure_in_child(entry.path, s.ort_threads, s.max_batch or 8)
+            except Exception as exc:  # a file that cannot be run: opening it says why, in our words
+                log.info("%s could not be measured (%s); one thread a run", entry.ref, exc)
+                return placements.fixed("narrow", s.ort_threads, "could not be measured")
             self.profiles[key] = profile
         return placements.choose(profile, s.lone_session_mb)
 

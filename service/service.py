@@ -119,7 +119,7 @@ class ConvServe:
         import asyncio
 
         from service.admission import Admission
-        from service.metrics import observe_batch
+        from service.metrics import dropped, observe_batch
         from service.pipeline import Pipeline
         from service.repository import ModelRepository
         from service.uploads import Limits
@@ -127,7 +127,7 @@ class ConvServe:
 
         _setup_logging()
         s = Settings.from_env()
-        repo = ModelRepository(s, on_batch=observe_batch)
+        repo = ModelRepository(s, on_batch=observe_batch, on_dropped=dropped)
         repo.warm_up_all()
         admission = Admission(s.max_requests, s.max_inflight_bytes, s.admission_wait_ms / 1e3, s.max_waiting)
         repo.runs.requests = lambda: admission.requests  # a lone image is one the worker holds alone
