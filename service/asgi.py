@@ -14,6 +14,7 @@ an :class:`Answer`), map any failure to an error answer, linger over an unread b
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -92,10 +93,22 @@ async def serve_admitted(scope: Scope, receive: Receive, send: Send, route: str,
     started = time.perf_counter()
     declared = _declared_length(headers)
     ticket: Ticket | None = None
+    gone: list[bool] = []
     try:
         ticket = await worker.admission.admit(declared)
         _publish(worker)
-        answer = await handle(worker, Call(scope, headers, query_dict(scope["query_string"]), tracked, ticket))
+        handler = asyncio.ensure_future(handle(worker, Call(scope, headers, query_dict(scope["query_string"]),
+                                                            tracked, ticket)))
+        watcher = asyncio.ensure_future(_cancel_when_gone(tracked, handler, gone))
+        try:
+            answer = await handler
+        except asyncio.CancelledError:
+            if not gone:  # the server itself is stopping this request: not ours to answer
+                raise
+            answer = Answer(CLIENT_GONE, error_json("client_closed", "the client went away", v2=v2_errors))
+            metrics.error(route, "client_closed")
+        finally:
+            watcher.cancel()
         if worker.balancer is not None and worker.balancer.should_close(worker.admission.requests):
             answer.headers.append((b"connection", b"close"))  # the client reconnects, maybe to another worker
             metrics.rebalanced()
@@ -119,6 +132,20 @@ async def serve_admitted(scope: Scope, receive: Receive, send: Send, route: str,
     if worker.settings.access_log:
         access.info("%s %s %d %.1f ms %d bytes", scope["method"], scope["path"], answer.status,
                     (time.perf_counter() - started) * 1e3, len(answer.body))
+
+
+CLIENT_GONE = 499  # nginx's status for a client that closed its connection before the answer
+
+
+async def _cancel_when_gone(tracked: TrackedReceive, handler: asyncio.Future, gone: list[bool]) -> None:
+    """Once the body is read, wait for the connection's next event: a disconnect before the
+    answer cancels ``handler``, so the request's queued images are dropped unrun
+    (service.batching) instead of computed for nobody."""
+    await tracked.read.wait()
+    message = await tracked.receive()
+    if message["type"] == "http.disconnect" and not handler.done():
+        gone.append(True)
+        handler.cancel()
 
 
 def _publish(worker: Worker) -> None:

@@ -18,7 +18,7 @@ then the image may take every core (service.placement).
 
 Batches are bounded by time as well as count: with a :class:`service.batch_cost.BatchCost`
 and a target, a batch holds no more images than are expected to finish within the target
-(every run reports its cost, so the bound follows the load), so a heavy model does not make
+(runs that had the cores to themselves report their cost), so a heavy model does not make
 a request that arrives just after a batch started wait for a long one.
 
 Every accepted request is answered: if the model, the output split or anything else in a

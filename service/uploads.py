@@ -127,15 +127,18 @@ async def read_body(headers: dict[str, str], receive: Receive, limits: Limits,
 
 
 class TrackedReceive:
-    """``receive`` that remembers whether the body has been read to its end."""
+    """``receive`` that remembers whether the body has been read to its end (``ended``, and
+    the event ``read`` for whoever waits for it)."""
 
     def __init__(self, receive: Receive) -> None:
         self.receive, self.ended = receive, False
+        self.read = asyncio.Event()
 
     async def __call__(self) -> dict[str, Any]:
         message = await self.receive()
         if message["type"] == "http.disconnect" or not message.get("more_body", False):
             self.ended = True
+            self.read.set()
         return message
 
 

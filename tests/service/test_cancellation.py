@@ -93,6 +93,35 @@ def test_requests_whose_deadline_passed_are_not_run(slow_server: tuple[Server, s
     assert client.infer(MODEL, [_tensor(client)]).as_numpy("class_map").shape[0] == IMAGES
 
 
+def test_http_clients_that_disconnect_have_their_queued_images_dropped(slow_server: tuple[Server, str]) -> None:
+    """Ten connections each POST 16 images to /segment and hang up before the answer."""
+    import socket
+    from urllib.parse import urlparse
+
+    from tests.support.http import MULTIPART, multipart_body
+    from tests.support.images import jpeg, scene
+
+    srv, _ = slow_server
+    u = urlparse(srv.url)
+    body = multipart_body([("image", f"{i}.jpg", jpeg(scene(i, 192, 192).image)) for i in range(IMAGES)]
+                          + [("model", None, MODEL.encode())])
+    head = (f"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: {MULTIPART['Content-Type']}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    ran0, dropped0 = _settle(srv.url)
+    sockets = []
+    for _ in range(10):
+        s = socket.create_connection((u.hostname, u.port))
+        s.sendall(head + body)
+        sockets.append(s)
+    time.sleep(0.3)  # decoded and queued behind each other, one image a run
+    for s in sockets:
+        s.close()
+    ran, dropped = _settle(srv.url)
+    assert dropped - dropped0 > 0 and ran - ran0 < 10 * IMAGES, (ran - ran0, dropped - dropped0)
+    status, _, answer = get(srv.url + "/readyz")
+    assert status == 200
+
+
 def test_a_stream_closed_mid_way_drops_its_queued_frames(slow_server: tuple[Server, str]) -> None:
     srv, target = slow_server
     client = tg.InferenceServerClient(target)
