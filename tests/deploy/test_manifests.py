@@ -753,3 +753,16 @@ def test_the_kserve_runtime_serves_a_single_file_storage_uri(
     finally:
         _docker("rm", "-f", name, check=False)
     assert "Traceback" not in logs and "Read-only file system" not in logs, logs[-3000:]
+
+
+def test_the_grpc_port_is_declared_where_traffic_meets_it(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The port settings.env gives CONVSERVE_GRPC_PORT is the container's "grpc" port, which the
+    Service (as h2c) and the NetworkPolicy let in."""
+    objects = rendered["cpu"]
+    settings = _settings(objects)
+    container = _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert _port_number(container, "grpc") == int(settings["CONVSERVE_GRPC_PORT"])
+    (service_port,) = [p for p in _one(objects, "Service")["spec"]["ports"] if p["name"] == "grpc"]
+    assert service_port["targetPort"] == "grpc" and service_port["appProtocol"] == "kubernetes.io/h2c"
+    allowed = {p["port"] for rule in _one(objects, "NetworkPolicy")["spec"]["ingress"] for p in rule["ports"]}
+    assert {"http", "grpc"} <= allowed
