@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -80,7 +81,7 @@ def refusal(exc: Exception, draining: bool) -> Refusal:
         return Refusal(CODE_OF_STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), exc.message)
     known = client_error(exc)
     if known is None:
-        log.exception("gRPC ModelInfer failed")
+        log.exception("a gRPC request failed")
         return Refusal(grpc.StatusCode.INTERNAL, "the model failed on this input; the server log has details")
     trailers = tuple((k.lower(), v) for k, v in known.headers.items())
     if known.status == 503 and draining:
@@ -117,20 +118,20 @@ def infer_request(request: pb.ModelInferRequest, served: Any, max_images: int) -
         return values
 
     images, arrays = v2.input_tensor(tensor.datatype, list(tensor.shape), raw, elements, served, max_images, where)
-    return v2.InferRequest(request.id or None, images, arrays, _requested(request, served), _options(request, served),
+    return v2.InferRequest(request.id or None, images, arrays, _outputs(request, served), _options(request, served),
                            explicit=bool(request.outputs))
 
 
-def _requested(request: pb.ModelInferRequest, served: Any) -> list[v2.Requested]:
+def _outputs(request: pb.ModelInferRequest, served: Any) -> list[v2.Requested]:
     raw = [{"name": o.name, "parameters": {k: _parameter(p) for k, p in o.parameters.items()}}
            for o in request.outputs] or None
-    return v2._requested(raw, served, default_binary=True)
+    return v2.requested_outputs(raw, served, default_binary=True)
 
 
 def _options(request: pb.ModelInferRequest, served: Any) -> dict[str, str]:
     endpoint = TASK_ENDPOINTS[served.model.contract.task]
     params = {k: _parameter(p) for k, p in request.parameters.items()}
-    return {o.name: v2._option_text(params[o.name]) for o in endpoint.options
+    return {o.name: v2.option_text(params[o.name]) for o in endpoint.options
             if o.name != "model" and o.name in params}
 
 
@@ -140,9 +141,9 @@ def infer_response(served: Any, request_id: str | None, tensors: list[tuple[v2.R
     response = pb.ModelInferResponse(model_name=served.model.name, model_version=served.model.version,
                                      id=request_id or "")
     for req, arr in tensors:
-        datatype = v2._TO_V2.get(arr.dtype.name, "BYTES")
+        datatype = v2.TO_V2.get(arr.dtype.name, "BYTES")
         response.outputs.add(name=req.name, datatype=datatype, shape=list(arr.shape))
-        blob = v2._bytes_binary(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).astype(
+        blob = v2.bytes_binary(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).astype(
             arr.dtype.newbyteorder("<"), copy=False).tobytes()
         response.raw_output_contents.append(blob)
     return response
@@ -236,8 +237,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for m in self.worker.repo.describe():
             index.models.add(name=m["name"], version=m["version"], state="READY")
         for e in self.worker.repo.refused():
-            from pathlib import Path
-
             _, name, version = parse_model_path(Path(e["path"]))
             index.models.add(name=name, version=version, state="UNAVAILABLE", reason=e["error"])
         return index

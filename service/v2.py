@@ -55,7 +55,7 @@ HEADER_LENGTH = "inference-header-content-length"
 MAX_DATA_DEPTH = 8        # a tensor's JSON 'data' nests at most as deep as its rank (4 for images), and a little
 JSON_SLACK_ELEMENTS = 4096  # JSON values a request may hold besides its tensor's elements (names, parameters)
 
-_TO_V2 = {"bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+TO_V2 = {"bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
           "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "float16": "FP16",
           "float32": "FP32", "float64": "FP64", "object": "BYTES"}
 _ORT_TO_V2 = {"tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(int8)": "INT8", "tensor(int32)": "INT32",
@@ -298,9 +298,9 @@ def parse_infer(body: bytes, header_length: int | None, served: ServedModel, max
     if not isinstance(doc_params, dict):
         raise bad("'parameters' must be an object")
     default_binary = doc_params.get("binary_data_output") is True
-    outputs = _requested(doc.get("outputs"), served, default_binary)
+    outputs = requested_outputs(doc.get("outputs"), served, default_binary)
     endpoint = TASK_ENDPOINTS[served.model.contract.task]
-    options = {o.name: _option_text(doc_params[o.name]) for o in endpoint.options
+    options = {o.name: option_text(doc_params[o.name]) for o in endpoint.options
                if o.name != "model" and o.name in doc_params}
     request_id = doc.get("id")
     return InferRequest(request_id if isinstance(request_id, str) else None, images, arrays, outputs, options,
@@ -351,11 +351,14 @@ def _checked_count(count: int, max_images: int, where: str) -> int:
     return count
 
 
-def _option_text(value: Any) -> str:
+def option_text(value: Any) -> str:
+    """A v2 parameter as the option text the endpoints parse (booleans as JSON spells them)."""
     return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
-def _requested(raw: Any, served: ServedModel, default_binary: bool) -> list[Requested]:
+def requested_outputs(raw: Any, served: ServedModel, default_binary: bool) -> list[Requested]:
+    """The outputs a request names (``raw``: a list of {"name", "parameters"}; None: every
+    output), checked against the model's; V2Error naming a bad one."""
     available = model_outputs(served)
     if raw is None:
         return [Requested(n, default_binary) for n in available]
@@ -438,10 +441,10 @@ def encode_response(served: ServedModel, request_id: str | None, tensors: list[t
     """The response body and, when some output is binary, the JSON header's length."""
     entries, blobs = [], []
     for req, arr in tensors:
-        datatype = _TO_V2.get(arr.dtype.name, "BYTES")
+        datatype = TO_V2.get(arr.dtype.name, "BYTES")
         entry: dict[str, Any] = {"name": req.name, "datatype": datatype, "shape": list(arr.shape)}
         if req.binary:
-            blob = _bytes_binary(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
+            blob = bytes_binary(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif datatype == "BYTES":
@@ -458,7 +461,9 @@ def encode_response(served: ServedModel, request_id: str | None, tensors: list[t
     return head + b"".join(blobs), len(head)
 
 
-def _bytes_binary(arr: np.ndarray) -> bytes:
+def bytes_binary(arr: np.ndarray) -> bytes:
+    """BYTES elements as the binary extension and gRPC's raw contents carry them: each a
+    4-byte little-endian length, then its bytes."""
     parts = []
     for v in arr.reshape(-1):
         b = v if isinstance(v, bytes) else str(v).encode()
