@@ -63,6 +63,21 @@ def _workers() -> int:
     return s.workers if s else 1
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Stop with one line when the gRPC port cannot be had: every worker would fail to bind
+    it and be restarted for ever. The workers bind it with SO_REUSEPORT; so does this probe,
+    so only another user's or a non-sharing socket refuses it."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(f"convserve: cannot start: CONVSERVE_GRPC_PORT={port} on {host} cannot be bound "
+                             f"({exc.strerror}); choose another port, or 0 for no gRPC") from None
+
+
 INFERENCE_ROUTES = [f"/{e.name}" for e in ENDPOINTS.values()]  # the hot paths (and v2's infer, below)
 
 # The container image: no apt step, as every dependency is a wheel (bentoml_patches.DISTRO_REASON);
@@ -103,6 +118,9 @@ class ConvServe:
         if r.returncode != 0:
             lines = r.stderr.strip().splitlines()
             raise SystemExit(lines[-1] if lines else f"convserve: start-up check failed ({r.returncode})")
+        settings = _settings_or_defaults()
+        if settings is not None and settings.grpc_port:
+            _check_port_free(settings.grpc_host, settings.grpc_port)
         profiles = r.stdout.strip().splitlines()[-1:] or ["{}"]
         fd, name = tempfile.mkstemp(prefix="convserve-placement-", suffix=".json")
         with os.fdopen(fd, "w") as fh:  # the measured profiles, for the workers (service.placement)

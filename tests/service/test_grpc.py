@@ -269,3 +269,28 @@ def test_keys_are_needed_when_set(tmp_path) -> None:
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         stop_server(srv.proc)
+
+
+def test_a_grpc_port_that_cannot_be_had_stops_the_server_with_one_line(tmp_path) -> None:
+    """Held by a socket that does not share it: every worker would fail to bind and be
+    restarted for ever, so bentoml serve stops at once instead."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.support.servers import ROOT
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**os.environ, "CONVSERVE_GRPC_PORT": str(port), "CONVSERVE_GRPC_HOST": "127.0.0.1",
+               "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true"}
+        r = subprocess.run([sys.executable, "-m", "bentoml", "serve", "service.service:ConvServe", "--host",
+                            "127.0.0.1", "--port", str(free_port())], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=180)
+    assert r.returncode != 0
+    assert (r.stdout + r.stderr).strip().splitlines()[-1] == (
+        f"convserve: cannot start: CONVSERVE_GRPC_PORT={port} on 127.0.0.1 cannot be bound (Address already in "
+        "use); choose another port, or 0 for no gRPC")
