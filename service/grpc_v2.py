@@ -44,7 +44,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from core.errors import ImageTooLarge, InvalidImage, ModelNotFound
+from core.errors import ModelNotFound
 from core.repository import parse_model_path, version_key
 from service import metrics, v2
 from service.auth import KeyRing, presented_key
@@ -160,15 +160,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- every RPC ------------------------------------------------------------------------
 
     async def _enter(self, context: grpc.aio.ServicerContext) -> None:
-        """Keys and the request id, before anything else."""
+        """Keys and the request id, before anything else; aborts the RPC without a good key."""
         metadata = [(k, v) for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)]
         request_id = next((v for k, v in metadata if k == "x-request-id" and 0 < len(v) <= 128 and v.isprintable()),
                           None) or uuid.uuid4().hex
         await context.send_initial_metadata((("x-request-id", request_id),))
         if self.keys and not self.keys.accepts(presented_key([(k.encode(), v.encode("latin-1", "replace"))
                                                                for k, v in metadata])):
-            raise Refusal(grpc.StatusCode.UNAUTHENTICATED,
-                          "this server needs an API key: metadata 'authorization: Bearer <key>'")
+            await self._abort(context, Refusal(grpc.StatusCode.UNAUTHENTICATED,
+                                               "this server needs an API key: metadata 'authorization: Bearer <key>'"))
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         r = refusal(exc, self.worker.drain.draining)
@@ -182,44 +182,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except ModelNotFound as exc:
             raise Refusal(grpc.StatusCode.NOT_FOUND, str(exc)) from None
 
+    async def _model(self, context: grpc.aio.ServicerContext, name: str, version: str) -> Any:
+        """The model a metadata RPC names; aborts the RPC with NOT_FOUND."""
+        try:
+            return self._served(name, version)
+        except Refusal as exc:
+            await self._abort(context, exc)
+
     # --- health and metadata --------------------------------------------------------------
 
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
-        try:
-            await self._enter(context)
-        except Exception as exc:
-            await self._abort(context, exc)
+        await self._enter(context)
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
-        try:
-            await self._enter(context)
-        except Exception as exc:
-            await self._abort(context, exc)
+        await self._enter(context)
         return pb.ServerReadyResponse(ready=self.worker.is_ready())
 
     async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
-        try:
-            await self._enter(context)
-            self._served(request.name, request.version)
-        except Exception as exc:
-            await self._abort(context, exc)
+        await self._enter(context)
+        await self._model(context, request.name, request.version)
         return pb.ModelReadyResponse(ready=self.worker.is_ready())
 
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
-        try:
-            await self._enter(context)
-        except Exception as exc:
-            await self._abort(context, exc)
+        await self._enter(context)
         doc = v2.server_metadata(self.version)
         return pb.ServerMetadataResponse(name=doc["name"], version=doc["version"], extensions=doc["extensions"])
 
     async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
-        try:
-            await self._enter(context)
-            served = self._served(request.name, request.version)
-        except Exception as exc:
-            await self._abort(context, exc)
+        await self._enter(context)
+        served = await self._model(context, request.name, request.version)
         versions = sorted(self.worker.repo.models.get(request.name, {}), key=version_key)
         doc = v2.model_metadata(served, versions)
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -229,10 +221,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in doc["outputs"]])
 
     async def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
-        try:
-            await self._enter(context)
-        except Exception as exc:
-            await self._abort(context, exc)
+        await self._enter(context)
         index = pb.RepositoryIndexResponse()
         for m in self.worker.repo.describe():
             index.models.add(name=m["name"], version=m["version"], state="READY")
@@ -250,25 +239,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ticket = await w.admission.admit(request.ByteSize())
         try:
             parsed = await w.pipeline.in_pool(infer_request, request, served, w.settings.max_images)
-            options = TASK_ENDPOINTS[served.model.contract.task].parse_options(parsed.options)
-            if parsed.images is not None:
-                try:
-                    inferred = await w.pipeline.run(served, parsed.images)
-                except (InvalidImage, ImageTooLarge) as exc:
-                    raise type(exc)(f"input {served.model.contract.input.name!r}: {exc}") from None
-            else:
-                inferred = await w.pipeline.run_arrays(served, parsed.arrays)
-            geometries = [p.geometry for p in inferred.prepared]
-            tensors = await w.pipeline.in_pool(v2.response_tensors, parsed, served, inferred.outputs, geometries,
-                                               options)
+            tensors, inferred = await v2.run(w.pipeline, served, parsed)
             metrics.answered(served.ref, "grpc", inferred.inferred - inferred.started)
             return infer_response(served, parsed.id, tensors)
         finally:
             ticket.release()
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        await self._enter(context)
         try:
-            await self._enter(context)
             return await self.infer(request)
         except Exception as exc:
             await self._abort(context, exc)
@@ -276,10 +255,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        try:
-            await self._enter(context)
-        except Exception as exc:
-            await self._abort(context, exc)
+        await self._enter(context)
         async for request in request_iterator:
             try:
                 response = await self.infer(request)

@@ -19,11 +19,11 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from core import __version__
-from core.errors import ImageTooLarge, InvalidImage, InvalidOption, ModelNotFound
+from core.errors import InvalidOption, ModelNotFound
 from core.repository import parse_model_path, version_key
 from service import metrics
 from service.asgi import Answer, Call, Handler, RawHandler, serve_admitted
-from service.endpoints import ENDPOINTS, TASK_ENDPOINTS, Endpoint
+from service.endpoints import ENDPOINTS, Endpoint
 from service.errors import send_response
 from service.schemas import (
     ERROR_RESPONSES,
@@ -180,16 +180,7 @@ async def v2_infer(worker: Worker, call: Call) -> Answer:
     body = await read_body(call.headers, call.receive, worker.limits, call.ticket.grow)
     request = await worker.pipeline.in_pool(v2.parse_infer, body, header_length, served, worker.settings.max_images,
                                             heavy=len(body) > HEAVY_BODY_BYTES)
-    options = TASK_ENDPOINTS[served.model.contract.task].parse_options(request.options)
-    if request.images is not None:
-        try:
-            inferred = await worker.pipeline.run(served, request.images)
-        except (InvalidImage, ImageTooLarge) as exc:
-            raise type(exc)(f"input {served.model.contract.input.name!r}: {exc}") from None
-    else:
-        inferred = await worker.pipeline.run_arrays(served, request.arrays)
-    geometries = [p.geometry for p in inferred.prepared]
-    out = await worker.pipeline.in_pool(v2.response_tensors, request, served, inferred.outputs, geometries, options)
+    out, inferred = await v2.run(worker.pipeline, served, request)
     payload, json_length = v2.encode_response(served, request.id, out)
     metrics.answered(served.ref, "v2", inferred.inferred - inferred.started)
     if json_length is None:

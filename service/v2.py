@@ -41,12 +41,14 @@ import numpy as np
 
 from core import postprocess
 from core.contract import ModelContract
+from core.errors import ImageTooLarge, InvalidImage
 from core.geometry import Geometry
 from core.tasks import Outputs
 from service.endpoints import TASK_ENDPOINTS
 from service.errors import V2Error
 
 if TYPE_CHECKING:
+    from service.pipeline import Inferred, Pipeline
     from service.repository import ServedModel
 
 PLATFORM = "onnxruntime_onnx"
@@ -385,6 +387,26 @@ def requested_outputs(raw: Any, served: ServedModel, default_binary: bool) -> li
                 raise bad(f"output {name!r}: classification must be a positive integer, got {k!r}")
         out.append(Requested(name, bool(binary), k))
     return out
+
+
+# --- running a request ---------------------------------------------------------------------
+
+async def run(pipeline: Pipeline, served: ServedModel, request: InferRequest
+              ) -> tuple[list[tuple[Requested, np.ndarray]], Inferred]:
+    """A parsed request through ``pipeline`` (encoded images decoded as the endpoints do, or the
+    model's tensor as it is): its requested outputs, and the run's record. The REST and gRPC
+    forms of the protocol both answer with this."""
+    options = TASK_ENDPOINTS[served.model.contract.task].parse_options(request.options)
+    if request.images is not None:
+        try:
+            inferred = await pipeline.run(served, request.images)
+        except (InvalidImage, ImageTooLarge) as exc:
+            raise type(exc)(f"input {served.model.contract.input.name!r}: {exc}") from None
+    else:
+        inferred = await pipeline.run_arrays(served, request.arrays)
+    geometries = [p.geometry for p in inferred.prepared]
+    tensors = await pipeline.in_pool(response_tensors, request, served, inferred.outputs, geometries, options)
+    return tensors, inferred
 
 
 # --- responses -------------------------------------------------------------------------------
