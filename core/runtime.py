@@ -181,15 +181,18 @@ class OnnxModel:
     def output_names(self) -> list[str]:
         return self.contract.outputs.tensor_names()
 
+    def _uses_lone(self, lone: bool) -> bool:
+        return lone and self.lone_session is not None
+
     def threads_for(self, lone: bool) -> int:
         """The intra-op threads :meth:`infer` runs on."""
-        return self.lone_threads if lone and self.lone_session is not None else self.threads
+        return self.lone_threads if self._uses_lone(lone) else self.threads
 
     def run(self, batch: np.ndarray, lone: bool = False) -> Outputs:
         """Run one graph call on a uint8 [N, H, W, 3] batch (on the lone session when ``lone``
         and there is one); the contract's outputs by name."""
         names = self.output_names
-        session = self.lone_session if lone and self.lone_session is not None else self.session
+        session = self.lone_session if self._uses_lone(lone) else self.session
         values = session.run(names, {self.contract.input.name: batch})
         return dict(zip(names, values))
 

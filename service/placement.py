@@ -40,6 +40,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from core.runtime import OnnxModel
 
 LONE_GAIN = 1.1  # a lone image must run this much faster on every core to be given them
 BATCH_EFFICIENCY = 0.85  # wide batches must reach this share of `cores` one-thread runs to replace them
@@ -157,8 +161,9 @@ def _fastest(runs: list, reps: int) -> list[float]:
     return best
 
 
-def measure(path: Path, threads: int, batch: int, tries: int = TRIES) -> Profile:
-    """Time ``path`` on one thread and on ``threads`` threads, in this process (CPU).
+def measure(path: Path, threads: int, batch: int, tries: int = TRIES, narrow: OnnxModel | None = None) -> Profile:
+    """Time ``path`` on one thread and on ``threads`` threads, in this process (CPU); ``narrow``:
+    the file already open on one thread on the CPU (the start-up check has it), not opened again.
 
     Threads only pay when there are idle cores to run them, so a measurement made while other
     processes were busy (servers starting beside this one, say) understates what they give:
@@ -171,7 +176,7 @@ def measure(path: Path, threads: int, batch: int, tries: int = TRIES) -> Profile
     from core.runtime import OnnxModel
 
     me = psutil.Process()
-    narrow = OnnxModel.load(path, "profile", "0", "cpu", 1)
+    narrow = narrow or OnnxModel.load(path, "profile", "0", "cpu", 1)
     wide = OnnxModel.load(path, "profile", "0", "cpu", threads)
     i = narrow.contract.input
     size = min(batch, narrow.contract.batch.max_size or batch)

@@ -69,8 +69,8 @@ def check_repository(settings: Settings) -> tuple[list[ModelEntry], dict[str, Pr
         batch = settings.max_batch_for(model.providers)
         checked_warm_up(model, batch)
         if measured(settings):
-            del model
-            profiles[placements.file_key(entry.path)] = placements.measure(entry.path, settings.ort_threads, batch)
+            profiles[placements.file_key(entry.path)] = placements.measure(entry.path, settings.ort_threads, batch,
+                                                                           narrow=model)
     if settings.device == "cuda":
         from core.runtime import create_session
 
