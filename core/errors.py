@@ -19,6 +19,14 @@ class ImageTooLarge(ConvserveError):
     """The image is over the byte or pixel limit (checked before any pixel is decoded)."""
 
 
+class InvalidVideo(ConvserveError):
+    """The bytes are not a video convserve reads (MP4 or WebM with a decodable video stream)."""
+
+
+class VideoTooLarge(ConvserveError):
+    """A video's frames are over the pixel limit, or it holds more frames than a request may decode."""
+
+
 class InvalidOption(ConvserveError, ValueError):
     """A task option (top_k, score_threshold, ...) has the wrong type or is out of range."""
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from fastapi.routing import APIRoute
@@ -40,14 +40,24 @@ LINGER_BYTES = 8 * 1024 * 1024  # body bytes read and dropped before a 413, so t
 CLOSING_STATUSES = (401, 408, 413, 503)
 
 
+class Stream(Protocol):
+    """A response body sent as it is made (service.video): its chunks, and what ends it."""
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def close(self) -> None: ...
+
+
 @dataclass
 class Answer:
-    """A whole response: status, body, content type and extra headers."""
+    """A response: status, body, content type and extra headers; or, with ``stream``, a body
+    sent chunk by chunk (``body`` unused)."""
 
     status: int
     body: bytes
     content_type: bytes = b"application/json"
     headers: Headers = field(default_factory=list)
+    stream: Stream | None = None
 
 
 @dataclass(frozen=True)
@@ -94,11 +104,12 @@ async def serve_admitted(scope: Scope, receive: Receive, send: Send, route: str,
     declared = _declared_length(headers)
     ticket: Ticket | None = None
     gone: list[bool] = []
+    streamed: list[bool] = []
     try:
         ticket = await worker.admission.admit(declared)
         _publish(worker)
-        handler = asyncio.ensure_future(handle(worker, Call(scope, headers, query_dict(scope["query_string"]),
-                                                            tracked, ticket)))
+        call = Call(scope, headers, query_dict(scope["query_string"]), tracked, ticket)
+        handler = asyncio.ensure_future(_answer_or_stream(handle(worker, call), send, worker, streamed))
         watcher = asyncio.ensure_future(_cancel_when_gone(tracked, handler, gone))
         try:
             answer = await handler
@@ -124,14 +135,40 @@ async def serve_admitted(scope: Scope, receive: Receive, send: Send, route: str,
         if ticket is not None:
             ticket.release()
             _publish(worker)
-    # Refused by its declared length while the body still arrives: read a bounded amount so the
-    # client reads the answer (a chunked body over the limit is cut off at once).
-    if answer.status == 413 and ticket is not None and declared is not None and declared <= LINGER_BYTES:
-        await _linger(tracked, answer)
-    await send_response(send, answer.status, answer.body, answer.content_type, answer.headers)
+    if streamed:  # sent already, whole or cut short
+        answer.status = CLIENT_GONE if gone else 200
+    else:
+        # Refused by its declared length while the body still arrives: read a bounded amount so the
+        # client reads the answer (a chunked body over the limit is cut off at once).
+        if answer.status == 413 and ticket is not None and declared is not None and declared <= LINGER_BYTES:
+            await _linger(tracked, answer)
+        await send_response(send, answer.status, answer.body, answer.content_type, answer.headers)
     if worker.settings.access_log:
         access.info("%s %s %d %.1f ms %d bytes", scope["method"], scope["path"], answer.status,
                     (time.perf_counter() - started) * 1e3, len(answer.body))
+
+
+async def _answer_or_stream(answering: Awaitable[Answer], send: Send, worker: Worker, streamed: list[bool]) -> Answer:
+    """The handler's answer; a streamed one is sent here, inside the request's task, so that a
+    client going away (:func:`_cancel_when_gone`) stops it. A client that reads nothing for
+    CONVSERVE_BODY_TIMEOUT_S loses the connection (the stream ends without its last chunk)."""
+    answer = await answering
+    if answer.stream is None:
+        return answer
+    stream = answer.stream
+    timeout = worker.settings.body_timeout_s
+    try:
+        streamed.append(True)
+        await send({"type": "http.response.start", "status": answer.status,
+                    "headers": [(b"content-type", answer.content_type), *answer.headers]})
+        async for chunk in stream.chunks():
+            await asyncio.wait_for(send({"type": "http.response.body", "body": chunk, "more_body": True}), timeout)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except TimeoutError:
+        log.info("a streamed answer was cut: its client read nothing for %d s", timeout)
+    finally:
+        await stream.close()
+    return answer
 
 
 CLIENT_GONE = 499  # nginx's status for a client that closed its connection before the answer

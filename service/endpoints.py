@@ -151,6 +151,10 @@ def _endpoint(name: str, task: str, summary: str, options: tuple[Option, ...] = 
     return Endpoint(name=name, task=t, summary=summary, options=(model, *options), **kw)
 
 
+# Options a video adds to every endpoint's own (service.video).
+FRAME_STEP = Option("frame_step", int, 1, "videos only: answer every n-th frame (1: every frame)", 1, 10_000)
+VIDEO_OPTIONS = (FRAME_STEP,)
+
 # Every POST route: one per task, plus /embed.
 ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (
     _endpoint("classify", "classification", "Top-k labels with softmax scores, best first.",

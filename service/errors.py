@@ -13,7 +13,15 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple
 
-from core.errors import ImageTooLarge, InvalidImage, InvalidOption, ModelNotFound, WrongTask
+from core.errors import (
+    ImageTooLarge,
+    InvalidImage,
+    InvalidOption,
+    InvalidVideo,
+    ModelNotFound,
+    VideoTooLarge,
+    WrongTask,
+)
 
 
 class ServiceError(Exception):
@@ -45,6 +53,8 @@ class V2Error(Exception):
 STATUS_OF: dict[type[Exception], tuple[int, str]] = {
     InvalidImage: (400, "invalid_image"),
     ImageTooLarge: (413, "image_too_large"),
+    InvalidVideo: (400, "invalid_video"),
+    VideoTooLarge: (413, "video_too_large"),
     InvalidOption: (422, "invalid_parameter"),
     WrongTask: (422, "invalid_parameter"),
     ModelNotFound: (404, "unknown_model"),

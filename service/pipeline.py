@@ -108,6 +108,7 @@ class Pipeline:
         # takes the cores they need (README "Hostile clients" has the measurement).
         self.heavy_pool = ThreadPoolExecutor(settings.heavy_threads, thread_name_prefix="heavy",
                                              initializer=_background_priority)
+        self.video_slots = asyncio.Semaphore(settings.max_videos)  # videos decoded at once (service.video)
 
     def is_heavy(self, images: list[bytes]) -> bool:
         """Whether any of ``images`` is over CONVSERVE_HEAVY_PIXELS (read from its header)."""

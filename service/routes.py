@@ -37,7 +37,7 @@ from service.schemas import (
     endpoint_request,
     path_parameters,
 )
-from service.uploads import IMAGE_FIELD, RAW_TYPES, read_body, read_upload
+from service.uploads import IMAGE_FIELD, RAW_TYPES, VIDEO_FIELD, VIDEO_TYPES, read_body, read_upload
 from service.worker import Worker, worker_of
 
 # v2 bodies larger than this are parsed in the heavy lane: checking and parsing a 32 MiB JSON
@@ -85,6 +85,13 @@ def endpoint_handler(endpoint: Endpoint) -> Handler:
 
     async def handle(worker: Worker, call: Call) -> Answer:
         upload = await read_upload(call.headers, call.query, call.receive, worker.limits, call.ticket.grow)
+        if upload.video is not None:
+            from service import video
+
+            if "render" in upload.options:
+                raise InvalidOption("render", "a video is answered as JSON lines; leave render out")
+            return Answer(200, b"", video.CONTENT_TYPE, stream=await video.open_video(
+                worker.pipeline, endpoint, upload.video, upload.options))
         fmt = render_format(call.headers, upload.options)
         if fmt:
             data, served, seconds = await worker.pipeline.render(endpoint, upload, fmt)
@@ -108,12 +115,14 @@ def _endpoint_route(endpoint: Endpoint) -> Route:
         name=endpoint.name, summary=endpoint.summary, tags=["inference"],
         response_model=single | batch,
         responses={200: {"description": "one image: its result; several: `results`, in order. With render: the "
-                                        "annotated image (image/png or image/jpeg)",
-                         "content": {"image/png": {}, "image/jpeg": {}}}, **ERROR_RESPONSES},
+                                        "annotated image (image/png or image/jpeg). A video: JSON lines",
+                         "content": {"image/png": {}, "image/jpeg": {}, "application/x-ndjson": {}}},
+                   **ERROR_RESPONSES},
         description=(f"{endpoint.summary} Send the image as the multipart field `{IMAGE_FIELD}` or as the whole body "
                      "(image/*, application/octet-stream); options as query parameters or, with multipart, as form "
-                     "fields."),
-        openapi_extra=endpoint_request(endpoint, IMAGE_FIELD, RAW_TYPES)))
+                     f"fields. A video (MP4, WebM) goes as the field `{VIDEO_FIELD}` or the whole body "
+                     "(video/mp4, video/webm): one JSON line per sampled frame (README 'Videos')."),
+        openapi_extra=endpoint_request(endpoint, IMAGE_FIELD, RAW_TYPES, VIDEO_FIELD, VIDEO_TYPES)))
 
 
 # --- the Open Inference Protocol v2 -------------------------------------------------------------

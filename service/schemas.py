@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from service.endpoints import VIDEO_OPTIONS
+
 if TYPE_CHECKING:
     from service.endpoints import Endpoint
 
@@ -311,21 +313,27 @@ RENDER_OPTION = {"type": "string", "enum": ["png", "jpeg", "true", "false"], "de
                                 "instead of JSON; so does an Accept: image/png or image/jpeg header"}
 IMAGE_FIELD_DOC = "the image; repeat the field to send several, answered in order"
 RAW_BODY = {"schema": {"type": "string", "format": "binary"}}
+VIDEO_DOC = ("a video (MP4 or WebM), answered as application/x-ndjson: one JSON line per sampled frame "
+             "(frame, time_s and the endpoint's result), then a summary line {\"done\": true, ...} or an error line")
+VIDEO_BODY = {"schema": {"type": "string", "format": "binary", "description": VIDEO_DOC}}
 
 
-def endpoint_request(endpoint: Endpoint, image_field: str, raw_types: tuple[str, ...]) -> dict[str, Any]:
-    """The requestBody and query parameters of an endpoint's route: the image as a multipart
-    field or the whole body; the options as query parameters or (multipart) form fields."""
-    options = {o.name: o.json_schema() for o in endpoint.options}
+def endpoint_request(endpoint: Endpoint, image_field: str, raw_types: tuple[str, ...], video_field: str,
+                     video_types: tuple[str, ...]) -> dict[str, Any]:
+    """The requestBody and query parameters of an endpoint's route: the image (or a video) as a
+    multipart field or the whole body; the options as query parameters or (multipart) form fields."""
+    options = {o.name: o.json_schema() for o in (*endpoint.options, *VIDEO_OPTIONS)}
     if endpoint.drawable:
         options["render"] = RENDER_OPTION
     image = {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, WebP, BMP, TIFF, GIF)"}
-    form = {"type": "object", "required": [image_field], "properties": {
+    form = {"type": "object", "properties": {
         image_field: {"oneOf": [image, {"type": "array", "items": image}], "description": IMAGE_FIELD_DOC},
+        video_field: {**VIDEO_BODY["schema"], "description": f"instead of {image_field}: {VIDEO_DOC}"},
         **options}}
     return {
         "requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": form}, "image/*": RAW_BODY, **{t: RAW_BODY for t in raw_types}}},
+            "multipart/form-data": {"schema": form}, "image/*": RAW_BODY, **{t: RAW_BODY for t in raw_types},
+            **{t: VIDEO_BODY for t in video_types}}},
         "parameters": [{"name": name, "in": "query", "required": False, "schema": schema,
                         "description": f"{schema['description']} (with multipart, a form field of the same name "
                                        "works too; not both)"} for name, schema in options.items()],

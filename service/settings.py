@@ -22,6 +22,9 @@
 | CONVSERVE_MAX_PIXELS | 100000000 | largest image (width x height, from the header) |
 | CONVSERVE_MAX_DECODED_BYTES | 4 x MAX_PIXELS | memory one image's decode may take (from its header) |
 | CONVSERVE_MAX_IMAGES | 16 | images in one request |
+| CONVSERVE_MAX_VIDEO_FRAMES | 1800 | frames one video request may decode, sampled or skipped (a minute at 30 fps) |
+| CONVSERVE_MAX_VIDEO_PIXELS | 8294400 | largest video frame (3840 x 2160; a decoder holds up to 16 of them) |
+| CONVSERVE_MAX_VIDEOS | decode threads | videos a worker decodes at once; more wait like requests, then 503 |
 | CONVSERVE_HEAVY_PIXELS | 16000000 | larger images go to the heavy lane (own threads, lowest CPU priority) |
 | CONVSERVE_HEAVY_THREADS | 1 | threads of the heavy lane, per worker |
 | CONVSERVE_BODY_TIMEOUT_S | 30 | seconds a client has to send its request body (then 408) |
@@ -178,6 +181,9 @@ class Settings:
     heavy_threads: int
     body_timeout_s: int
     poll_s: float = 10.0
+    max_video_frames: int = 1800
+    max_video_pixels: int = 3840 * 2160
+    max_videos: int = 1
     grace_s: float = 25.0
     api_keys: tuple[str, ...] = ()
     admin_keys: tuple[str, ...] = ()
@@ -233,6 +239,9 @@ class Settings:
             heavy_threads=_int("CONVSERVE_HEAVY_THREADS", 1, 1),
             body_timeout_s=_int("CONVSERVE_BODY_TIMEOUT_S", 30, 1),
             poll_s=_float("CONVSERVE_POLL_S", 10.0, 0.0),
+            max_video_frames=_int("CONVSERVE_MAX_VIDEO_FRAMES", 1800, 1),
+            max_video_pixels=_int("CONVSERVE_MAX_VIDEO_PIXELS", 3840 * 2160, 1),
+            max_videos=_int("CONVSERVE_MAX_VIDEOS", per_worker, 1),
             grace_s=_float("CONVSERVE_GRACE_S", 25.0, 0.0),
             api_keys=_keys("CONVSERVE_API_KEYS"),
             admin_keys=_keys("CONVSERVE_ADMIN_KEYS"),

@@ -1,6 +1,6 @@
 """Reading an inference request body ourselves: streamed, capped while reading, in memory.
 
-Two ways to send images (README "API"):
+Two ways to send images (README "API"), and a video the same two ways (service.video):
 
 - ``multipart/form-data``: one or more ``image`` parts (repeat the field for several images,
   answered in order) and the options as fields or query parameters (not both for one
@@ -9,6 +9,8 @@ Two ways to send images (README "API"):
   field is data, never a URL to fetch.
 - a raw body: ``Content-Type: image/*`` or ``application/octet-stream``, one image, the
   options as query parameters.
+- a video: the raw body with ``Content-Type: video/mp4`` or ``video/webm`` (VIDEO_TYPES),
+  or the one multipart field ``video`` instead of images.
 
 The byte limit is enforced while reading (also for chunked bodies without a
 Content-Length), the body must arrive within a deadline, and every malformed request is an
@@ -32,10 +34,13 @@ from service.errors import ServiceError
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 IMAGE_FIELD = "image"
+VIDEO_FIELD = "video"
 MAX_PARTS = 64            # image parts plus option fields
 MAX_FIELD_BYTES = 1024    # an option value (top_k=5, model=name:version, ...)
 MAX_HEADER_BYTES = 4096   # a part's headers, together
 RAW_TYPES = ("application/octet-stream",)
+VIDEO_TYPES = ("video/mp4", "video/quicktime", "video/webm", "video/x-matroska")  # core.video reads these
+_DATA_FIELDS = (IMAGE_FIELD, VIDEO_FIELD)
 
 
 class UploadError(ServiceError):
@@ -52,10 +57,11 @@ def malformed(message: str) -> UploadError:
 
 @dataclass
 class Upload:
-    """The images of one request, in order, and its options as raw strings."""
+    """The images of one request, in order (or its one video), and its options as raw strings."""
 
     images: list[bytes]
     options: dict[str, str] = field(default_factory=dict)
+    video: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,12 @@ async def read_upload(headers: dict[str, str], query: dict[str, str], receive: R
         form = _Form(boundary, limits)
         await _stream(receive, limits, length, on_bytes, form.write)
         return form.finish(query)
+    if ctype in VIDEO_TYPES:
+        body = bytearray()
+        await _stream(receive, limits, length, on_bytes, body.extend)
+        if not body:
+            raise UploadError(422, "invalid_parameter", "the request body is empty: send the video as the body")
+        return Upload([], dict(query), video=bytes(body))
     if ctype.startswith("image/") or ctype in RAW_TYPES:
         body = bytearray()
         await _stream(receive, limits, length, on_bytes, body.extend)
@@ -94,9 +106,11 @@ async def read_upload(headers: dict[str, str], query: dict[str, str], receive: R
         return Upload([bytes(body)], dict(query))
     if not ctype:
         raise UploadError(415, "unsupported_media_type", "no Content-Type: send multipart/form-data with an "
-                          "'image' field, or the image itself as image/* or application/octet-stream")
-    raise UploadError(415, "unsupported_media_type", f"Content-Type {ctype!r} is not accepted: send "
-                      "multipart/form-data with an 'image' field, or the image as image/* or application/octet-stream")
+                          "'image' field, or the image itself as image/* or application/octet-stream (a video as "
+                          "video/mp4 or video/webm)")
+    raise UploadError(415, "unsupported_media_type", f"Content-Type {ctype[:60]!r} is not accepted: send "
+                      "multipart/form-data with an 'image' field, the image as image/* or application/octet-stream, "
+                      f"or a video as {' or '.join(VIDEO_TYPES)}")
 
 
 async def read_body(headers: dict[str, str], receive: Receive, limits: Limits,
@@ -218,6 +232,7 @@ class _Form:
     def __init__(self, boundary: bytes, limits: Limits) -> None:
         self.limits = limits
         self.images: list[bytes] = []
+        self.video: bytes | None = None
         self.fields: dict[str, str] = {}
         self.parts = 0
         self.ended = False
@@ -249,6 +264,11 @@ class _Form:
         if twice:
             raise UploadError(422, "invalid_parameter", f"{', '.join(twice)}: given both as a form field and as a "
                               "query parameter; send each option once")
+        if self.video is not None:
+            if self.images:
+                raise UploadError(422, "invalid_parameter", f"both '{IMAGE_FIELD}' and '{VIDEO_FIELD}' fields: send "
+                                  "images or one video")
+            return Upload([], {**query, **self.fields}, video=self.video)
         if not self.images:
             raise UploadError(422, "invalid_parameter",
                               f"no '{IMAGE_FIELD}' field: send the image file as '{IMAGE_FIELD}'")
@@ -292,18 +312,23 @@ class _Form:
         if self._name == IMAGE_FIELD:
             if len(self.images) >= self.limits.max_images:
                 raise UploadError(413, "too_many_images", f"more than {self.limits.max_images} images in one request")
+        elif self._name == VIDEO_FIELD:
+            if self.video is not None:
+                raise UploadError(422, "invalid_parameter", f"more than one '{VIDEO_FIELD}' field: one video a request")
         elif self._name in self.fields:
             raise UploadError(422, "invalid_parameter", f"field {self._name[:60]!r} is given twice")
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         self._data += data[start:end]
-        if self._name != IMAGE_FIELD and len(self._data) > MAX_FIELD_BYTES:
+        if self._name not in _DATA_FIELDS and len(self._data) > MAX_FIELD_BYTES:
             raise UploadError(422, "invalid_parameter", f"field {str(self._name)[:60]!r} is longer than "
-                              f"{MAX_FIELD_BYTES} bytes; only '{IMAGE_FIELD}' carries data")
+                              f"{MAX_FIELD_BYTES} bytes; only '{IMAGE_FIELD}' and '{VIDEO_FIELD}' carry data")
 
     def _part_end(self) -> None:
         if self._name == IMAGE_FIELD:
             self.images.append(bytes(self._data))
+        elif self._name == VIDEO_FIELD:
+            self.video = bytes(self._data)
         elif self._name is not None:
             try:
                 self.fields[self._name] = self._data.decode("utf-8")

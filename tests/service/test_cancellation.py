@@ -136,3 +136,31 @@ def test_a_stream_closed_mid_way_drops_its_queued_frames(slow_server: tuple[Serv
     ran, dropped = _settle(srv.url)
     assert ran - ran0 < 10 * IMAGES and dropped - dropped0 > 0
     assert client.is_server_ready()
+
+
+def test_a_video_whose_client_hangs_up_is_not_decoded_or_run_to_its_end(slow_server: tuple[Server, str]) -> None:
+    """One line read of a 60-frame video, then the connection closed; three times. (A first
+    version closed the file while its frame was still decoding, and the worker crashed.)"""
+    import http.client
+    import socket
+    from urllib.parse import urlparse
+
+    from tests.support.images import scene
+    from tests.support.video import encode
+
+    srv, _ = slow_server
+    frames = 60
+    data = encode([scene(i, 320, 240).image for i in range(frames)], "mp4")
+    u = urlparse(srv.url)
+    for _ in range(3):
+        ran0, _ = _settle(srv.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        conn.request("POST", f"/segment?model={MODEL}", body=data, headers={"Content-Type": "video/mp4"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and b'"frame":0' in resp.readline()
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        ran, _ = _settle(srv.url)
+        assert ran - ran0 < frames, ran - ran0
+    assert get(srv.url + "/readyz")[0] == 200
+    assert srv.log_text().count("ready: 3 model(s)") == 1  # the worker never restarted
