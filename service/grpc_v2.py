@@ -22,8 +22,9 @@ ModelInfer, ModelStreamInfer and RepositoryIndex; the others answer UNIMPLEMENTE
   (a full worker, with ``retry-after`` in the trailing metadata), UNAVAILABLE while draining;
   never UNKNOWN. A model that fails is INTERNAL, as it is a 500 over REST.
 - **Streams**: ModelStreamInfer answers each request of a stream in order on the stream,
-  one at a time (a slow reader holds back its own stream only: gRPC's flow control stops
-  reading it while its answer waits); requests of every stream and RPC share the batchers.
+  running up to STREAM_WINDOW of them at once (a slow reader holds back its own stream only:
+  gRPC's flow control stops reading it while its answers wait); requests of every stream and
+  RPC share the batchers.
 - **Keys**: with CONVSERVE_API_KEYS set, every RPC needs ``authorization: Bearer <key>``
   (or ``x-api-key``) in its metadata; the ``grpc.health.v1`` service stays open, as
   /livez does. **Request ids**: ``x-request-id`` in the metadata is echoed in the initial
@@ -32,6 +33,7 @@ ModelInfer, ModelStreamInfer and RepositoryIndex; the others answer UNIMPLEMENTE
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -54,6 +56,7 @@ from service.worker import Worker
 
 log = logging.getLogger("convserve.grpc")
 SERVICE = "inference.GRPCInferenceService"
+STREAM_WINDOW = 8  # requests of one stream in flight at once (ModelStreamInfer)
 
 # The gRPC code of each HTTP status the REST side answers for the same fault.
 CODE_OF_STATUS = {
@@ -256,17 +259,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         await self._enter(context)
-        async for request in request_iterator:
+        # Up to STREAM_WINDOW requests of the stream run at once (their images batch together),
+        # answered in order; the stream is read no further ahead, so a client that does not
+        # read its answers stops its own stream (gRPC's flow control), nobody else's.
+        started: asyncio.Queue[tuple[pb.ModelInferRequest, asyncio.Future] | None] = asyncio.Queue(STREAM_WINDOW)
+
+        async def read() -> None:
             try:
-                response = await self.infer(request)
-            except Exception as exc:
-                r = refusal(exc, self.worker.drain.draining)
-                # A fault in one frame is answered on the stream, which goes on (Triton's shape).
-                yield pb.ModelStreamInferResponse(
-                    error_message=f"{r.code.name}: {r.message}",
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
-                continue
-            yield pb.ModelStreamInferResponse(infer_response=response)
+                async for request in request_iterator:
+                    await started.put((request, asyncio.ensure_future(self.infer(request))))
+            finally:
+                await started.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (item := await started.get()) is not None:
+                request, answer = item
+                try:
+                    response = await answer
+                except Exception as exc:
+                    r = refusal(exc, self.worker.drain.draining)
+                    # A fault in one frame is answered on the stream, which goes on (Triton's shape).
+                    yield pb.ModelStreamInferResponse(
+                        error_message=f"{r.code.name}: {r.message}",
+                        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+                    continue
+                yield pb.ModelStreamInferResponse(infer_response=response)
+            await reader
+        finally:  # the client went away (or the stream failed): its queued frames are dropped unrun
+            reader.cancel()
+            while not started.empty():
+                item = started.get_nowait()
+                if item is not None:
+                    item[1].cancel()
 
 
 def start(worker: Worker, host: str, port: int, version: str) -> grpc.aio.Server:
