@@ -56,11 +56,14 @@ init = function(args)
   -- runs in each wrk thread's own Lua state: these globals are read back by done() via thread:get
   reqs, i, counts, no_retry = {}, 0, {}, 0
   for line in io.lines(os.getenv("WRK_MANIFEST")) do
-    local path, ctype, file = line:match("([^\t]+)\t([^\t]+)\t([^\t]+)")
+    local path, ctype, file, extra = line:match("([^\t]+)\t([^\t]+)\t([^\t]+)\t?([^\t]*)")
     local f = assert(io.open(file, "rb"))
     local body = f:read("*all")
     f:close()
-    reqs[#reqs + 1] = wrk.format("POST", path, {["Content-Type"] = ctype}, body)
+    local headers = {["Content-Type"] = ctype}
+    local name, value = extra:match("([^:]+):%s*(.*)")
+    if name then headers[name] = value end
+    reqs[#reqs + 1] = wrk.format("POST", path, headers, body)
   end
 end
 delay = function()
@@ -136,14 +139,16 @@ class Mixed:
     count: int
 
 
-def write_mixed(requests: list[tuple[str, str, bytes]], folder: Path | None = None) -> Mixed:
-    """``requests`` as (path, content type, body), written for :func:`run_mixed`."""
+def write_mixed(requests: list[tuple[str, str, bytes]] | list[tuple[str, str, bytes, str]],
+                folder: Path | None = None) -> Mixed:
+    """``requests`` as (path, content type, body[, "Header-Name: value"]), written for
+    :func:`run_mixed`."""
     folder = folder or Path(tempfile.mkdtemp(prefix="convserve-wrk-mixed-"))
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for i, (path, ctype, body) in enumerate(requests):
+    for i, (path, ctype, body, *extra) in enumerate(requests):
         (folder / f"{i}.body").write_bytes(body)
-        lines.append(f"{path}\t{ctype}\t{folder / f'{i}.body'}")
+        lines.append("\t".join([path, ctype, str(folder / f"{i}.body"), *extra]))
     manifest = folder / "manifest.tsv"
     manifest.write_text("\n".join(lines) + "\n")
     return Mixed(folder, manifest, len(requests))

@@ -239,9 +239,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """One request, admitted like a REST one; raises what the client should hear."""
         w = self.worker
         served = self._served(request.model_name, request.model_version)
-        ticket = await w.admission.admit(request.ByteSize())
+        size = request.ByteSize()
+        ticket = await w.admission.admit(size)
         try:
-            parsed = await w.pipeline.in_pool(infer_request, request, served, w.settings.max_images)
+            if size <= v2.INLINE_BYTES:
+                parsed = infer_request(request, served, w.settings.max_images)
+            else:
+                parsed = await w.pipeline.in_pool(infer_request, request, served, w.settings.max_images)
             tensors, inferred = await v2.run(w.pipeline, served, parsed)
             metrics.answered(served.ref, "grpc", inferred.inferred - inferred.started)
             return infer_response(served, parsed.id, tensors)

@@ -187,8 +187,11 @@ async def v2_infer(worker: Worker, call: Call) -> Answer:
     served = worker.repo.lookup(params["name"], params.get("version"))
     header_length = v2.header_length(call.headers)
     body = await read_body(call.headers, call.receive, worker.limits, call.ticket.grow)
-    request = await worker.pipeline.in_pool(v2.parse_infer, body, header_length, served, worker.settings.max_images,
-                                            heavy=len(body) > HEAVY_BODY_BYTES)
+    args = (body, header_length, served, worker.settings.max_images)
+    if len(body) <= v2.INLINE_BYTES:
+        request = v2.parse_infer(*args)
+    else:
+        request = await worker.pipeline.in_pool(v2.parse_infer, *args, heavy=len(body) > HEAVY_BODY_BYTES)
     out, inferred = await v2.run(worker.pipeline, served, request)
     payload, json_length = v2.encode_response(served, request.id, out)
     metrics.answered(served.ref, "v2", inferred.inferred - inferred.started)
