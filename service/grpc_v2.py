@@ -48,7 +48,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from core.errors import ModelNotFound
 from core.repository import parse_model_path, version_key
-from service import metrics, v2
+from service import metrics, tracing, v2
 from service.auth import KeyRing, presented_key
 from service.endpoints import TASK_ENDPOINTS
 from service.errors import V2Error, client_error
@@ -162,16 +162,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- every RPC ------------------------------------------------------------------------
 
-    async def _enter(self, context: grpc.aio.ServicerContext) -> None:
-        """Keys and the request id, before anything else; aborts the RPC without a good key."""
+    async def _enter(self, context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
+        """Keys and the request id, before anything else; aborts the RPC without a good key.
+        Returns the call's (text) metadata."""
         metadata = [(k, v) for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)]
         request_id = next((v for k, v in metadata if k == "x-request-id" and 0 < len(v) <= 128 and v.isprintable()),
                           None) or uuid.uuid4().hex
+        tracing.REQUEST_ID.set(request_id)  # this call's log lines carry it
         await context.send_initial_metadata((("x-request-id", request_id),))
         if self.keys and not self.keys.accepts(presented_key([(k.encode(), v.encode("latin-1", "replace"))
                                                                for k, v in metadata])):
             await self._abort(context, Refusal(grpc.StatusCode.UNAUTHENTICATED,
                                                "this server needs an API key: metadata 'authorization: Bearer <key>'"))
+        return metadata
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         r = refusal(exc, self.worker.drain.draining)
@@ -252,17 +255,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             ticket.release()
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        await self._enter(context)
-        try:
+    async def frame(self, request: pb.ModelInferRequest, metadata: list[tuple[str, str]]) -> pb.ModelInferResponse:
+        """One request of a stream, in a span of its own."""
+        with tracing.rpc_span("grpc ModelStreamInfer", metadata, model=request.model_name, id=request.id):
             return await self.infer(request)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        metadata = await self._enter(context)
+        try:
+            with tracing.rpc_span("grpc ModelInfer", metadata, model=request.model_name):
+                return await self.infer(request)
         except Exception as exc:
             await self._abort(context, exc)
             raise  # not reached: abort raises
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        await self._enter(context)
+        metadata = await self._enter(context)
         # Up to STREAM_WINDOW requests of the stream run at once (their images batch together),
         # answered in order; the stream is read no further ahead, so a client that does not
         # read its answers stops its own stream (gRPC's flow control), nobody else's.
@@ -271,7 +280,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await started.put((request, asyncio.ensure_future(self.infer(request))))
+                    await started.put((request, asyncio.ensure_future(self.frame(request, metadata))))
             finally:
                 await started.put(None)
 

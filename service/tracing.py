@@ -10,7 +10,9 @@
 - **Spans.** When OpenTelemetry export is configured (``CONVSERVE_OTLP_ENDPOINT``, see
   :func:`bentoml_tracing_config`), BentoML's tracer provider exports a span per request and
   convserve adds child spans for ``decode``, ``queue`` (waiting for a batch), ``inference``
-  (the ONNX Runtime run), ``postprocess`` and ``render``. Without it, :func:`span` costs nothing.
+  (the ONNX Runtime run), ``postprocess`` and ``render``; a gRPC call gets its own span
+  (:func:`rpc_span`, in the caller's trace), the same children under it. Without export,
+  :func:`span` costs nothing.
 """
 
 from __future__ import annotations
@@ -214,6 +216,22 @@ def span(name: str, **attributes: Any) -> Iterator[None]:
         yield
         return
     with _get_tracer().start_as_current_span(name, attributes={f"convserve.{k}": v for k, v in attributes.items()}):
+        yield
+
+
+@contextlib.contextmanager
+def rpc_span(name: str, metadata: list[tuple[str, str]], **attributes: Any) -> Iterator[None]:
+    """The span of one gRPC call (BentoML makes the HTTP requests' spans; nothing makes these),
+    in the trace of the ``traceparent`` in its metadata when there is one; the work's spans
+    nest under it. No-op unless spans are exported."""
+    if not _ENABLED:
+        yield
+        return
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    parent = TraceContextTextMapPropagator().extract({k: v for k, v in metadata if k == "traceparent"})
+    with _get_tracer().start_as_current_span(name, context=parent,
+                                             attributes={f"convserve.{k}": v for k, v in attributes.items()}):
         yield
 
 

@@ -68,9 +68,10 @@ def _get(url: str, timeout: float = 5) -> tuple[int, bytes]:
 
 class Fleet:
     def __init__(self, project: str, files: list[Path], env: dict[str, str], port: int, stats_port: int,
-                 prom_port: int, models: Path) -> None:
+                 prom_port: int, models: Path, grpc_port: int) -> None:
         self.project, self.files, self.env = project, files, env
         self.url = f"http://127.0.0.1:{port}"
+        self.grpc = f"127.0.0.1:{grpc_port}"
         self.stats = f"http://127.0.0.1:{stats_port}"
         self.prometheus = f"http://127.0.0.1:{prom_port}"
         self.models = models
@@ -219,11 +220,12 @@ def fleet(image: str) -> Iterator[Fleet]:
     override = work / "test-override.yml"
     override.write_text(json.dumps({"services": {"prometheus": {"volumes": [
         f"{prom_cfg}:/etc/prometheus/prometheus.yml:ro", f"{prom_rules}:/etc/prometheus/rules.yml:ro"]}}}))
-    port, stats_port, prom_port = free_port(), free_port(), free_port()
+    port, stats_port, prom_port, grpc_port = free_port(), free_port(), free_port(), free_port()
     env = {"CONVSERVE_IMAGE": image, "CONVSERVE_MODELS": str(models), "CONVSERVE_POLL_S": str(POLL_S),
            "CONVSERVE_PORT": str(port), "FLEET_STATS_PORT": str(stats_port), "FLEET_PROMETHEUS_PORT": str(prom_port),
-           "DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0"}
-    f = Fleet(f"csfleet{uuid.uuid4().hex[:8]}", [COMPOSE, override], env, port, stats_port, prom_port, models)
+           "FLEET_GRPC_PORT": str(grpc_port), "DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0"}
+    f = Fleet(f"csfleet{uuid.uuid4().hex[:8]}", [COMPOSE, override], env, port, stats_port, prom_port, models,
+              grpc_port)
     try:
         t0 = time.time()
         f.compose("up", "-d", "--build", timeout=900)
@@ -249,6 +251,42 @@ def test_load_spreads_over_every_replica(fleet: Fleet) -> None:
     print(f"spread: {load.summary()}; served per replica {served}")
     assert not load.failures, load.failures[:5]
     assert min(served.values()) > 0 and max(served.values()) <= 2 * min(served.values()), served
+
+
+@pytest.mark.slow  # runs the fleet
+def test_grpc_calls_and_streams_are_balanced_over_the_replicas(fleet: Fleet) -> None:
+    """Through HAProxy's HTTP/2 frontend: unary calls from one client connection reach every
+    replica (balanced per call), a stream of 30 frames is answered in order, equal to REST."""
+    import numpy as np
+    import tritonclient.grpc as tg
+
+    from tests.support.http import post
+
+    image = jpeg(scene(11).image)
+    client = tg.InferenceServerClient(fleet.grpc)
+    assert client.is_server_ready() and client.is_model_ready("shapes-detector")
+
+    def frame(k: int) -> list[tg.InferInput]:
+        inp = tg.InferInput("images", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([image], dtype=object))
+        return [inp]
+
+    before = {s: fleet.requests_served(s) for s in REPLICAS}
+    for k in range(60):
+        boxes = client.infer("shapes-detector", frame(k)).as_numpy("detection_boxes")
+    served = {s: fleet.requests_served(s) - before[s] for s in REPLICAS}
+    print(f"gRPC through HAProxy: 60 calls on one connection, served per replica {served}")
+    assert min(served.values()) > 0, served
+    status, _, rest = post(fleet.url + "/detect", files={"image": ("a.jpg", image)},
+                           fields={"model": "shapes-detector"})
+    assert status == 200 and len(rest["detections"]) == boxes.shape[1] > 0
+    assert np.allclose(boxes[0], [d["box"] for d in rest["detections"]], atol=0.01)
+    answers: list[str] = []
+    client.start_stream(callback=lambda result, error: answers.append(error or result.get_response().id))
+    for k in range(30):
+        client.async_stream_infer("shapes-detector", frame(k), request_id=str(k))
+    client.stop_stream()  # waits for every answer
+    assert answers == [str(k) for k in range(30)]
 
 
 @pytest.mark.slow  # runs the fleet
@@ -389,7 +427,9 @@ def test_fleet_files_agree_with_the_service() -> None:
         assert svc["restart"] == "unless-stopped" and "/readyz" in " ".join(svc["healthcheck"]["test"])
         assert env["CONVSERVE_MODEL_ROOT"] == "/models" and svc["volumes"][0].endswith(":/models:ro")
         assert re.search(rf"^\s*server {name} {name}:3000\s*$", haproxy, re.M), name
+        assert re.search(rf"^\s*server {name} {name}:8001\s*$", haproxy, re.M), name  # gRPC
     assert "http-check send meth GET uri /readyz" in haproxy and "balance leastconn" in haproxy
+    assert re.search(r"bind :8001 proto h2", haproxy) and re.search(r"default-server proto h2 check port 3000", haproxy)
     assert re.search(r"retry-on conn-failure empty-response .*response-timeout", haproxy)
     assert "option redispatch" in haproxy and re.search(r"retries [1-9]", haproxy)
     assert re.search(r"fall 2 rise 2", haproxy) and "use-service prometheus-exporter" in haproxy

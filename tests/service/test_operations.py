@@ -222,15 +222,19 @@ class _Collector(BaseHTTPRequestHandler):
 
 def test_json_logs_and_spans_follow_one_request(tiny_repo, tmp_path) -> None:
     """A real OTLP/HTTP receiver: the request's spans (decode, queue, inference, postprocess)
-    arrive under the client's trace id, and the JSON log line of the request carries it."""
+    arrive under the client's trace id, and the JSON log line of the request carries it; a gRPC
+    call's spans arrive under the trace of the traceparent in its metadata."""
+    import numpy as np
+    import tritonclient.grpc as tg
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     collector = ThreadingHTTPServer(("127.0.0.1", port), _Collector)
     threading.Thread(target=collector.serve_forever, daemon=True).start()
     srv = start_server(tiny_repo, tmp_path / "serve.log", env={
         "CONVSERVE_DEVICE": "cpu", "CONVSERVE_OTLP_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces",
-        "CONVSERVE_LOG_FORMAT": "json", "CONVSERVE_ACCESS_LOG": "1", "OTEL_BSP_SCHEDULE_DELAY": "200"})
+        "CONVSERVE_LOG_FORMAT": "json", "CONVSERVE_ACCESS_LOG": "1", "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "CONVSERVE_GRPC_PORT": str(grpc_port)})
     try:
         trace = uuid.uuid4().hex
         for k in range(2):  # one lone request (decoded and run in one thread), then two images (the queue)
@@ -240,7 +244,13 @@ def test_json_logs_and_spans_follow_one_request(tiny_repo, tmp_path) -> None:
                                          {**MULTIPART, "traceparent": f"00-{trace}-00f067aa0ba902b{k}-01"})
             assert status == 200 and headers["x-request-id"] == trace
 
-        def spans() -> list[str]:
+        grpc_trace = uuid.uuid4().hex  # and one gRPC call, in a trace of its own
+        client = tg.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        inp = tg.InferInput("images", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([jpeg(scene(622).image)], dtype=object))
+        client.infer("tiny-cls", [inp], headers={"traceparent": f"00-{grpc_trace}-00f067aa0ba902c0-01"})
+
+        def spans(trace: str = trace) -> list[str]:
             names = []
             for body in _Collector.bodies:
                 req = ExportTraceServiceRequest.FromString(body)
@@ -251,6 +261,9 @@ def test_json_logs_and_spans_follow_one_request(tiny_repo, tmp_path) -> None:
         names = _wait(lambda: (lambda n: n if {"decode", "queue", "postprocess"} <= set(n) and n.count("inference") >= 2
                                else None)(spans()), timeout=30, what="both requests' spans exported")
         assert names.count("inference") == 2 and any(n.startswith("POST") for n in names)  # BentoML's request span
+        grpc_names = _wait(lambda: (lambda n: n if {"grpc ModelInfer", "inference"} <= set(n) else None)(
+            spans(grpc_trace)), timeout=30, what="the gRPC call's spans exported")
+        assert "decode" in grpc_names
         lines = [json.loads(ln) for ln in srv.log_text().splitlines() if ln.startswith("{")]
         mine = [ln for ln in lines if ln.get("request_id") == trace]
         assert any("POST /classify 200" in ln["message"] for ln in mine) and all(ln["level"] for ln in mine)
