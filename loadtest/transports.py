@@ -1,13 +1,14 @@
 """REST multipart, REST v2 binary and gRPC side by side on the same images, and gRPC streams.
 
-For each model and client count, three closed-loop loads of the same 640x480 JPEGs, one
-after the other on one server: ``POST /<task endpoint>`` multipart (wrk), ``POST
-/v2/models/<name>/infer`` with the binary tensor extension (wrk; the image as BYTES [1], the
-outputs as binary), and gRPC ModelInfer (loadtest.grpc_load: requests serialised once, sent
-through grpcio's C core from a process of its own). Then 1..4 concurrent ModelStreamInfer
-streams of frames. Each level runs ``--rounds`` times per transport, the order rotated each
-round; the median round is reported with the range. Reported: req/s, p50, p99, the CPU
-seconds the load generator used (it shares the machine) and the server's.
+For each model and client count, three closed-loop loads of the same 640x480 JPEG, one
+after the other on one server, each from a C load generator of its own process: ``POST
+/<task endpoint>`` multipart (wrk), ``POST /v2/models/<name>/infer`` with the binary tensor
+extension (wrk; the image as BYTES [1], the outputs as binary), and gRPC ModelInfer (h2load,
+Debian's nghttp2-client: the request framed once). Then 1..4 concurrent ModelStreamInfer
+streams of 640x480 frames (loadtest.grpc_load: grpcio's client, frames serialised once).
+Each level runs ``--rounds`` times per transport, the order rotated each round; the median
+round is reported with the range. Reported: req/s, p50, p99, the CPU seconds the load
+generator used (it shares the machine) and the server's.
 
     python -m loadtest.transports --json-out transports.json
 """
@@ -23,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 
 from loadtest import wrk
@@ -64,6 +66,47 @@ def v2_binary(input_name: str, image: bytes) -> tuple[bytes, str]:
     return header + element, f"Inference-Header-Content-Length: {len(header)}"
 
 
+def _answered_grpc(url: str) -> float:
+    """gRPC calls the service answered with OK so far (convserve_request_seconds, endpoint grpc)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("convserve_request_seconds_count{") and 'endpoint="grpc"' in line)
+
+
+def h2load_grpc(url: str, target: str, model: str, input_name: str, image: bytes, clients: int, seconds: float,
+                folder: Path) -> dict[str, Any]:
+    """Unary ModelInfer calls from h2load (nghttp2's C load generator, as cheap as wrk): the
+    request framed once as gRPC's length-prefixed message, ``clients`` HTTP/2 connections with
+    one call in flight each. h2load sees HTTP statuses only, and gRPC errors come as 200 with a
+    grpc-status trailer: the calls the service answered OK (its own counter) must equal h2load's."""
+    import resource
+
+    from loadtest.grpc_load import infer_request
+
+    message = infer_request(model, input_name, image)
+    body = folder / f"{model}.grpc"
+    body.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
+    log = folder / f"{model}-{clients}.h2log"
+    answered = _answered_grpc(url)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(["h2load", "-c", str(clients), "-m", "1", "-D", str(max(1, round(seconds))), "-d", str(body),
+                          "-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", str(log),
+                          f"http://{target}/inference.GRPCInferenceService/ModelInfer"],
+                         capture_output=True, text=True, timeout=seconds + 120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode != 0:
+        raise RuntimeError(f"h2load failed ({out.returncode}): {out.stdout[-800:]} {out.stderr[-800:]}")
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    ok = np.array([int(r[2]) for r in rows if r[1] == "200"]) / 1e3
+    started = [int(r[0]) for r in rows]
+    elapsed = (max(s + int(r[2]) for s, r in zip(started, rows)) - min(started)) / 1e6 if rows else seconds
+    errors = len(rows) - len(ok) + max(0, len(ok) - round(_answered_grpc(url) - answered))
+    return {"concurrency": clients, "seconds": round(elapsed, 2), "requests": len(rows), "errors": errors,
+            "req_s": len(ok) / elapsed, "p50_ms": float(np.percentile(ok, 50)), "p99_ms": float(np.percentile(ok, 99)),
+            "client_cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2)}
+
+
 def grpc_load(target: str, model: str, input_name: str, images: Path, mode: str, concurrency: int, seconds: float,
               window: int = 4) -> dict[str, Any]:
     out = subprocess.run(
@@ -102,13 +145,14 @@ def bench(url: str, grpc_target: str, pid: int | None, models: list[str], levels
     for name in models:
         endpoint = described[name]["endpoint"].lstrip("/")
         input_name = _get(f"{url}/v2/models/{name}")["inputs"][0]["name"]
-        multipart = wrk.write_bodies(images, {"model": name}, folder / f"{name}-multipart")
-        binary = wrk.write_mixed([(f"/v2/models/{name}/infer", "application/octet-stream", *v2_binary(input_name, img))
-                                  for img in images], folder / f"{name}-v2")
+        # One image for every transport: h2load sends one body.
+        multipart = wrk.write_bodies(images[:1], {"model": name}, folder / f"{name}-multipart")
+        binary = wrk.write_mixed([(f"/v2/models/{name}/infer", "application/octet-stream",
+                                   *v2_binary(input_name, images[0]))], folder / f"{name}-v2")
         loads = {
             "REST multipart": lambda c, e=endpoint, b=multipart: wrk.run(f"{url}/{e}", b, c, seconds),
             "REST v2 binary": lambda c, b=binary: wrk.run_mixed(url, b, c, seconds),
-            "gRPC": lambda c, n=name, i=input_name: grpc_load(grpc_target, n, i, folder, "unary", c, seconds),
+            "gRPC": lambda c, n=name, i=input_name: h2load_grpc(url, grpc_target, n, i, images[0], c, seconds, folder),
         }
         for load in loads.values():  # warm every path once
             load(1)

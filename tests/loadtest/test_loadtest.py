@@ -112,3 +112,17 @@ def test_overload_answers_every_request(server, tmp_path: Path) -> None:
     status = {int(k): v for k, v in row["status"].items()}
     assert row["socket_errors"] == 0 and set(status) <= {200, 503} and row["503_without_retry_after"] == 0
     assert status.get(200, 0) > 0 and row["probe"]["admitted"] > 0
+
+
+@pytest.mark.skipif(not shutil.which("h2load"), reason="h2load (nghttp2-client) is not installed; .ci/run installs it")
+def test_grpc_load_from_h2load_counts_calls_the_service_refused_as_errors(server, tmp_path: Path) -> None:
+    """h2load sees only HTTP statuses (gRPC errors are 200s with a grpc-status trailer): the
+    benchmark checks its count of OK calls against the service's own counter."""
+    from loadtest.benchmark import make_images
+    from loadtest.transports import h2load_grpc
+
+    image = make_images(1, 320, 240)[0]
+    ok = h2load_grpc(server.url, server.grpc, "shapes-classifier", "images", image, 2, 1, tmp_path)
+    assert ok["requests"] > 5 and ok["errors"] == 0 and ok["p50_ms"] > 0
+    refused = h2load_grpc(server.url, server.grpc, "no-such-model", "images", image, 2, 1, tmp_path)
+    assert refused["requests"] > 5 and refused["errors"] == refused["requests"]

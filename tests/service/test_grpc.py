@@ -1,6 +1,6 @@
 """The v2 gRPC service (service.grpc_v2) through the real clients: tritonclient.grpc (sync, aio
-and its streaming API) and grpc.health.v1, against the real server; answers equal to REST
-v2's for the same pixels."""
+and its streaming API), KServe's InferenceGRPCClient and grpc.health.v1, against the real
+server; answers equal to REST v2's for the same pixels."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import io
 import queue
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -294,3 +295,85 @@ def test_a_grpc_port_that_cannot_be_had_stops_the_server_with_one_line(tmp_path)
     assert (r.stdout + r.stderr).strip().splitlines()[-1] == (
         f"convserve: cannot start: CONVSERVE_GRPC_PORT={port} on 127.0.0.1 cannot be bound (Address already in "
         "use); choose another port, or 0 for no gRPC")
+
+
+KSERVE_PYTHON = Path(__file__).resolve().parents[2] / ".tools" / "kserve" / "bin" / "python"
+# Runs in KServe's own environment (kserve 0.21 needs a Starlette that BentoML 1.4.39 does not
+# accept): its InferenceGRPCClient against the server; prints what it got as JSON.
+KSERVE_SCRIPT = r"""
+import asyncio, json, sys
+import grpc, numpy as np
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+from kserve.protocol.infer_type import RequestedOutput
+
+async def main(target, jobs):
+    client = InferenceGRPCClient(url=target)
+    report = {"live": await client.is_server_live(), "ready": await client.is_server_ready(),
+              "model_ready": await client.is_model_ready("shapes-detector"), "answers": []}
+    for job in jobs:
+        if job["kind"] == "BYTES":
+            data = [open(p, "rb").read() for p in job["files"]]
+            inp = InferInput("images", [len(data)], "BYTES", data)
+        else:
+            arr = np.load(job["files"][0])
+            inp = InferInput("images", list(arr.shape), "UINT8")
+            inp.set_data_from_numpy(arr)
+        outputs = [RequestedOutput(n, {"classification": k} if k else None) for n, k in job["outputs"]]
+        try:
+            res = await client.infer(InferRequest(job["model"], [inp], request_outputs=outputs))
+            report["answers"].append({o.name: [o.datatype, o.shape, [x.decode() if isinstance(x, bytes) else x
+                                                                     for x in o.as_numpy().ravel().tolist()]]
+                                      for o in res.outputs})
+        except grpc.RpcError as err:
+            report["answers"].append({"error": err.code().name})
+    await client.close()
+    print("KSERVE_JSON " + json.dumps(report))
+
+asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
+"""
+
+
+@pytest.mark.skipif(not KSERVE_PYTHON.exists(), reason="KServe's client is not installed: python3 -m venv "
+                    ".tools/kserve && .tools/kserve/bin/pip install kserve==0.21.0 (.ci/run does)")
+def test_kserve_inference_grpc_client(client: tg.InferenceServerClient, grpc_server: tuple[Server, str],
+                                      tmp_path: Path) -> None:
+    """KServe's own InferenceGRPCClient: health, a BYTES JPEG (typed contents) and the model's
+    UINT8 tensor (raw contents) for every task, answers equal to REST v2's; an unknown model is
+    NOT_FOUND."""
+    import json
+    import subprocess
+
+    jobs, expected = [], []
+    for i, (task, model) in enumerate(MODELS.items()):
+        files = [tmp_path / f"{task}-{k}.jpg" for k in range(2)]
+        for k, f in enumerate(files):
+            f.write_bytes(_image(20 + k))
+        outputs = TASK_OUTPUTS[task]
+        jobs.append({"model": model, "kind": "BYTES", "files": [str(f) for f in files], "outputs": outputs})
+        expected.append(_rest_v2(grpc_server[0].url, model, task, [f.read_bytes() for f in files]))
+        meta = client.get_model_metadata(model, as_json=True)
+        h, w, c = (int(d) for d in meta["inputs"][0]["shape"][1:])
+        arr = np.random.default_rng(i).integers(0, 256, (1, h, w, c), dtype=np.uint8)
+        np.save(tmp_path / f"{task}.npy", arr)
+        jobs.append({"model": model, "kind": "UINT8", "files": [str(tmp_path / f"{task}.npy")], "outputs": outputs})
+        inp = tg.InferInput("images", list(arr.shape), "UINT8")
+        inp.set_data_from_numpy(arr)
+        triton = client.infer(model, [inp], outputs=_outputs(task))
+        expected.append({n: triton.as_numpy(n) for n, _ in outputs})
+    jobs.append({"model": "no-such-model", "kind": "BYTES", "files": jobs[0]["files"], "outputs": []})
+    out = subprocess.run([str(KSERVE_PYTHON), "-c", KSERVE_SCRIPT, grpc_server[1], json.dumps(jobs)],
+                         capture_output=True, text=True, timeout=120)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("KSERVE_JSON ")), None)
+    assert line, out.stderr[-3000:]
+    report = json.loads(line.removeprefix("KSERVE_JSON "))
+    assert report["live"] and report["ready"] and report["model_ready"]
+    *answers, unknown = report["answers"]
+    assert unknown == {"error": "NOT_FOUND"}
+    for got, want in zip(answers, expected, strict=True):
+        for name, arr in want.items():
+            datatype, shape, values = got[name]
+            assert shape == list(arr.shape), name
+            if arr.dtype == object:
+                assert values == [v.decode() for v in arr.ravel().tolist()], name
+            else:
+                np.testing.assert_allclose(values, arr.ravel(), rtol=1e-6, atol=1e-6, err_msg=name)

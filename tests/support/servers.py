@@ -19,8 +19,9 @@ SHIPPED_MODELS = ROOT / "models"
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path, grpc: str = "") -> None:
         self.proc, self.url, self.log = proc, url, log
+        self.grpc = grpc  # host:port of its gRPC service
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -53,7 +54,7 @@ def start_server(model_root: Path, log: Path, env: dict[str, str] | None = None,
             with urllib.request.urlopen(urllib.request.Request(url + "/readyz", headers=ready_headers or {}),
                                         timeout=2) as r:
                 if r.status == 200:
-                    return Server(proc, url, log)
+                    return Server(proc, url, log, f"127.0.0.1:{full_env['CONVSERVE_GRPC_PORT']}")
         except Exception:
             pass
         time.sleep(0.5)
