@@ -88,6 +88,7 @@ def h2load_grpc(url: str, target: str, model: str, input_name: str, image: bytes
     body = folder / f"{model}.grpc"
     body.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
     log = folder / f"{model}-{clients}.h2log"
+    log.unlink(missing_ok=True)  # h2load appends to it
     answered = _answered_grpc(url)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(["h2load", "-c", str(clients), "-m", "1", "-D", str(max(1, round(seconds))), "-d", str(body),

@@ -126,3 +126,5 @@ def test_grpc_load_from_h2load_counts_calls_the_service_refused_as_errors(server
     assert ok["requests"] > 5 and ok["errors"] == 0 and ok["p50_ms"] > 0
     refused = h2load_grpc(server.url, server.grpc, "no-such-model", "images", image, 2, 1, tmp_path)
     assert refused["requests"] > 5 and refused["errors"] == refused["requests"]
+    again = h2load_grpc(server.url, server.grpc, "shapes-classifier", "images", image, 2, 1, tmp_path)
+    assert again["errors"] == 0 and again["requests"] < 2 * ok["requests"] + 50  # a run counts its own calls only
