@@ -326,7 +326,7 @@ def endpoint_request(endpoint: Endpoint, image_field: str, raw_types: tuple[str,
     if endpoint.drawable:
         options["render"] = RENDER_OPTION
     image = {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, WebP, BMP, TIFF, GIF)"}
-    form = {"type": "object", "properties": {
+    form = {"type": "object", "anyOf": [{"required": [image_field]}, {"required": [video_field]}], "properties": {
         image_field: {"oneOf": [image, {"type": "array", "items": image}], "description": IMAGE_FIELD_DOC},
         video_field: {**VIDEO_BODY["schema"], "description": f"instead of {image_field}: {VIDEO_DOC}"},
         **options}}

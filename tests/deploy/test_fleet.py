@@ -99,26 +99,27 @@ class Fleet:
         return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
                    if line.startswith("convserve_request_seconds_count"))
 
-    def balancer_status(self) -> dict[str, str]:
-        """HAProxy's view of each replica: UP, DOWN, MAINT, "UP 1/2", ..."""
+    def balancer_status(self, backend: str = "replicas") -> dict[str, str]:
+        """HAProxy's view of each replica in ``backend`` (replicas: REST, replicas-grpc): UP,
+        DOWN, MAINT, "UP 1/2", ..."""
         status, body = _get(self.stats + "/stats;csv")
         assert status == 200, body[:300]
         rows = csv.DictReader(io.StringIO(body.decode().lstrip("# ")))
-        return {r["svname"]: r["status"] for r in rows if r["pxname"] == "replicas" and r["svname"] in REPLICAS}
+        return {r["svname"]: r["status"] for r in rows if r["pxname"] == backend and r["svname"] in REPLICAS}
 
-    def wait_balancer(self, service: str, up: bool, timeout: float) -> float:
+    def wait_balancer(self, service: str, up: bool, timeout: float, backend: str = "replicas") -> float:
         """Seconds until HAProxy reports ``service`` UP (``up``) or anything but UP."""
         t0 = time.time()
         while time.time() - t0 < timeout:
             try:
-                st = self.balancer_status().get(service, "")
+                st = self.balancer_status(backend).get(service, "")
             except Exception:   # HAProxy's stats page did not answer: ask again
                 st = None
             if st and (st == "UP" if up else not st.startswith("UP")):
                 return time.time() - t0
             time.sleep(0.2)
         raise AssertionError(f"HAProxy did not report {service} {'UP' if up else 'down'} within {timeout} s: "
-                             f"{self.balancer_status()}")
+                             f"{self.balancer_status(backend)}")
 
     def query(self, expr: str) -> dict[str, float]:
         q = urllib.parse.urlencode({"query": expr})
@@ -262,6 +263,8 @@ def test_grpc_calls_and_streams_are_balanced_over_the_replicas(fleet: Fleet) -> 
 
     from tests.support.http import post
 
+    for service in REPLICAS:  # checked like the REST backend: /readyz on port 3000
+        fleet.wait_balancer(service, up=True, timeout=60, backend="replicas-grpc")
     image = jpeg(scene(11).image)
     client = tg.InferenceServerClient(fleet.grpc)
     assert client.is_server_ready() and client.is_model_ready("shapes-detector")
@@ -429,7 +432,7 @@ def test_fleet_files_agree_with_the_service() -> None:
         assert re.search(rf"^\s*server {name} {name}:3000\s*$", haproxy, re.M), name
         assert re.search(rf"^\s*server {name} {name}:8001\s*$", haproxy, re.M), name  # gRPC
     assert "http-check send meth GET uri /readyz" in haproxy and "balance leastconn" in haproxy
-    assert re.search(r"bind :8001 proto h2", haproxy) and re.search(r"default-server proto h2 check port 3000", haproxy)
+    assert re.search(r"bind :8001 proto h2", haproxy) and re.search(r"http-check connect port 3000 proto h1", haproxy)
     assert re.search(r"retry-on conn-failure empty-response .*response-timeout", haproxy)
     assert "option redispatch" in haproxy and re.search(r"retries [1-9]", haproxy)
     assert re.search(r"fall 2 rise 2", haproxy) and "use-service prometheus-exporter" in haproxy

@@ -537,7 +537,9 @@ def test_the_runtime_serves_what_kserve_mounts() -> None:
     env = {e["name"]: e["value"] for e in runtime["containers"][0]["env"]}
     assert env["CONVSERVE_MODEL_ROOT"] == KSERVE_MODEL_DIR
     assert env["CONVSERVE_MODEL_NAME"] == "{{.Name}}"  # KServe's ReplacePlaceholders: the InferenceService's name
-    assert runtime["protocolVersions"] == ["v2"]
+    assert runtime["protocolVersions"] == ["v2", "grpc-v2"]
+    ports = {p["name"]: p["containerPort"] for p in runtime["containers"][0]["ports"]}
+    assert ports == {"http1": 3000, "h2c": int(env["CONVSERVE_GRPC_PORT"])}  # REST first: KServe's port 80 goes there
     formats = {f["name"]: f for f in runtime["supportedModelFormats"]}
     isvc = yaml.safe_load((KSERVE / "inferenceservice.yaml").read_text())
     model = isvc["spec"]["predictor"]["model"]

@@ -298,20 +298,23 @@ def test_openapi_describes_what_the_routes_really_do(server) -> None:
     status, _, spec = get(server.url + "/docs.json")
     assert status == 200
     from service.endpoints import ENDPOINTS
+    from service.uploads import VIDEO_TYPES
 
     for endpoint, option in (("classify", "top_k"), ("detect", "score_threshold"), ("segment", "mask_format"),
                              ("embed", "model")):
         op = spec["paths"][f"/{endpoint}"]["post"]
-        options = ({o.name for o in ENDPOINTS[endpoint].options}
+        options = ({o.name for o in ENDPOINTS[endpoint].options} | {"frame_step"}
                    | ({"render"} if ENDPOINTS[endpoint].drawable else set()))
         assert option in options
         content = op["requestBody"]["content"]
-        assert set(content) == {"multipart/form-data", "image/*", "application/octet-stream"}
+        assert set(content) == {"multipart/form-data", "image/*", "application/octet-stream", *VIDEO_TYPES}
         form = content["multipart/form-data"]["schema"]
-        assert form["required"] == ["image"] and set(form["properties"]) == {"image"} | options
+        assert form["anyOf"] == [{"required": ["image"]}, {"required": ["video"]}]
+        assert set(form["properties"]) == {"image", "video"} | options
         assert {p["name"] for p in op["parameters"]} == options and all(p["in"] == "query" for p in op["parameters"])
         assert set(op["responses"]) == {"200", "400", "401", "404", "408", "413", "415", "422", "500", "503"}
-        assert set(op["responses"]["200"]["content"]) == {"application/json", "image/png", "image/jpeg"}
+        assert set(op["responses"]["200"]["content"]) == {"application/json", "image/png", "image/jpeg",
+                                                          "application/x-ndjson"}
         assert op["responses"]["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     schemas = spec["components"]["schemas"]
     assert {"ErrorBody", "ClassifyResponse", "ClassifyBatchResponse", "DetectResponse", "SegmentResponse",
