@@ -146,11 +146,50 @@ class SegmentationFolder:
 
 @dataclass(frozen=True)
 class CocoImage:
-    """One COCO image's annotations: boxes xyxy in original pixels and label indices."""
+    """One COCO image's annotations: boxes xyxy in original pixels and label indices; for a
+    keypoint data set, each object's keypoints too."""
 
     image_id: int
     boxes: np.ndarray   # float32 [K, 4]
     labels: np.ndarray  # int64 [K], indices into CocoDetection.classes
+    keypoints: np.ndarray | None = None  # float32 [K, P, 3]: x, y in original pixels, v (0 unlabelled, 1, 2)
+
+
+# COCO's person keypoints and their OKS sigmas (pycocotools' defaults, cocoeval.py): a data set
+# whose category lists these names needs no "sigmas" of its own.
+COCO_KEYPOINT_SIGMAS = {
+    "nose": 0.026, "left_eye": 0.025, "right_eye": 0.025, "left_ear": 0.035, "right_ear": 0.035,
+    "left_shoulder": 0.079, "right_shoulder": 0.079, "left_elbow": 0.072, "right_elbow": 0.072,
+    "left_wrist": 0.062, "right_wrist": 0.062, "left_hip": 0.107, "right_hip": 0.107, "left_knee": 0.087,
+    "right_knee": 0.087, "left_ankle": 0.089, "right_ankle": 0.089,
+}
+
+
+def _keypoint_schema(cats: list[dict[str, Any]], where: Path) -> tuple[list[str], list[tuple[int, int]], list[float]]:
+    """Keypoint names, skeleton (0-based pairs) and OKS sigmas of a person_keypoints-style file
+    (every category lists the same ``keypoints``); empty lists for a plain instances file."""
+    named = [c for c in cats if c.get("keypoints")]
+    if not named:
+        return [], [], []
+    names = list(named[0]["keypoints"])
+    if any(list(c.get("keypoints") or []) != names for c in cats):
+        raise DatasetError(f"{where}: every category must list the same keypoints")
+    skeleton = []
+    for edge in named[0].get("skeleton") or []:
+        if not (isinstance(edge, list) and len(edge) == 2 and all(isinstance(i, int) and 1 <= i <= len(names)
+                                                                 for i in edge)):
+            raise DatasetError(f"{where}: skeleton edge {edge} is not a pair of 1-based keypoint indices")
+        skeleton.append((edge[0] - 1, edge[1] - 1))
+    sigmas = named[0].get("sigmas")
+    if sigmas is None:
+        unknown = [n for n in names if n not in COCO_KEYPOINT_SIGMAS]
+        if unknown:
+            raise DatasetError(f"{where}: keypoints {unknown} have no OKS sigma: add a 'sigmas' list (one per "
+                               "keypoint) to the category")
+        sigmas = [COCO_KEYPOINT_SIGMAS[n] for n in names]
+    if len(sigmas) != len(names) or not all(isinstance(v, (int, float)) and v > 0 for v in sigmas):
+        raise DatasetError(f"{where}: 'sigmas' must hold one positive number per keypoint ({len(names)})")
+    return names, skeleton, [float(v) for v in sigmas]
 
 
 class CocoDetection:
@@ -175,6 +214,8 @@ class CocoDetection:
             raise DatasetError(f"{self.annotations_file}: no categories")
         self.classes: list[str] = [c["name"] for c in cats]
         self.category_ids: list[int] = [c["id"] for c in cats]
+        # Keypoint data sets (person_keypoints): names, 0-based skeleton edges, OKS sigmas.
+        self.keypoint_names, self.skeleton, self.sigmas = _keypoint_schema(cats, self.annotations_file)
         label_of = {cid: i for i, cid in enumerate(self.category_ids)}
         by_image: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in doc["images"]}
         for ann in doc["annotations"]:
@@ -196,7 +237,7 @@ class CocoDetection:
             boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
             boxes[:, 2:] += boxes[:, :2]
             labels = np.array([label_of[a["category_id"]] for a in anns], np.int64)
-            self.samples.append(Sample(path, CocoImage(int(im["id"]), boxes, labels)))
+            self.samples.append(Sample(path, CocoImage(int(im["id"]), boxes, labels, self._keypoints(anns))))
         if verify:
             verify_images([s.image for s in self.samples])
             for s, im in zip(self.samples, doc["images"]):
@@ -205,6 +246,18 @@ class CocoDetection:
                                        f"the image is {'x'.join(map(str, upright_size(s.image)))} "
                                        "after EXIF orientation")
         self._coco: Any = None
+
+    def _keypoints(self, anns: list[dict[str, Any]]) -> np.ndarray | None:
+        if not self.keypoint_names:
+            return None
+        want = 3 * len(self.keypoint_names)
+        for a in anns:
+            kp = a.get("keypoints")
+            if not (isinstance(kp, list) and len(kp) == want):
+                raise DatasetError(f"{self.annotations_file}: annotation {a.get('id')} needs 'keypoints' of {want} "
+                                   f"numbers (x, y, v for each of {len(self.keypoint_names)}), has "
+                                   f"{len(kp) if isinstance(kp, list) else kp!r}")
+        return np.array([a["keypoints"] for a in anns], np.float32).reshape(len(anns), len(self.keypoint_names), 3)
 
     @property
     def coco(self) -> Any:
@@ -216,5 +269,6 @@ class CocoDetection:
         return self._coco
 
 
-__all__ = ["Sample", "ImageFolder", "SegmentationFolder", "CocoDetection", "CocoImage", "image_files",
+__all__ = ["Sample", "ImageFolder", "SegmentationFolder", "CocoDetection", "CocoImage", "COCO_KEYPOINT_SIGMAS",
+           "image_files",
            "verify_images", "upright_size"]

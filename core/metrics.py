@@ -64,25 +64,55 @@ class ConfusionMatrix:
         }
 
 
-def coco_detection_metrics(coco_gt: Any, detections: list[dict[str, Any]],
-                           image_ids: list[int] | None = None) -> dict[str, float]:
-    """COCO box mAP with pycocotools. ``detections``: dicts with image_id, category_id,
-    bbox [x, y, w, h] in original pixels, score. ``coco_gt``: a pycocotools COCO object.
-    ``image_ids``: score these images only (default: every image in ``coco_gt``)."""
+def _coco_stats(coco_gt: Any, results: list[dict[str, Any]], image_ids: list[int] | None, iou_type: str,
+                sigmas: list[float] | None = None) -> list[float]:
+    """pycocotools' COCOeval summary (its ``stats``) of ``results`` for ``iou_type``."""
     from pycocotools.cocoeval import COCOeval
 
-    if not detections:
-        return {"map": 0.0, "map_50": 0.0, "map_75": 0.0, "detections": 0}
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = coco_gt.loadRes(detections)
-        ev = COCOeval(coco_gt, dt, "bbox")
+        dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, dt, iou_type)
+        if sigmas is not None:
+            ev.params.kpt_oks_sigmas = np.asarray(sigmas, np.float64)
         if image_ids is not None:
             ev.params.imgIds = sorted(image_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    s = ev.stats
-    return {"map": float(s[0]), "map_50": float(s[1]), "map_75": float(s[2]), "detections": len(detections)}
+    return [float(v) for v in ev.stats]
+
+
+def coco_detection_metrics(coco_gt: Any, detections: list[dict[str, Any]],
+                           image_ids: list[int] | None = None) -> dict[str, float]:
+    """COCO box mAP with pycocotools. ``detections``: dicts with image_id, category_id,
+    bbox [x, y, w, h] in original pixels, score. ``coco_gt``: a pycocotools COCO object.
+    ``image_ids``: score these images only (default: every image in ``coco_gt``)."""
+    if not detections:
+        return {"map": 0.0, "map_50": 0.0, "map_75": 0.0, "detections": 0}
+    s = _coco_stats(coco_gt, detections, image_ids, "bbox")
+    return {"map": s[0], "map_50": s[1], "map_75": s[2], "detections": len(detections)}
+
+
+def coco_mask_metrics(coco_gt: Any, results: list[dict[str, Any]],
+                      image_ids: list[int] | None = None) -> dict[str, float]:
+    """COCO mask AP (pycocotools' ``segm``). ``results``: dicts with image_id, category_id,
+    segmentation (COCO RLE at the original size), score."""
+    if not results:
+        return {"mask_ap": 0.0, "mask_ap_50": 0.0, "mask_ap_75": 0.0, "instances": 0}
+    s = _coco_stats(coco_gt, results, image_ids, "segm")
+    return {"mask_ap": s[0], "mask_ap_50": s[1], "mask_ap_75": s[2], "instances": len(results)}
+
+
+def coco_keypoint_metrics(coco_gt: Any, results: list[dict[str, Any]], image_ids: list[int] | None,
+                          sigmas: list[float]) -> dict[str, float]:
+    """COCO keypoint AP by object keypoint similarity (pycocotools' ``keypoints``) with one
+    OKS ``sigma`` per keypoint (COCO's 17 are pycocotools' default; other skeletons carry
+    their own). ``results``: dicts with image_id, category_id, keypoints [x, y, v] x K in
+    original pixels, score."""
+    if not results:
+        return {"oks_ap": 0.0, "oks_ap_50": 0.0, "oks_ap_75": 0.0, "instances": 0}
+    s = _coco_stats(coco_gt, results, image_ids, "keypoints", sigmas)
+    return {"oks_ap": s[0], "oks_ap_50": s[1], "oks_ap_75": s[2], "instances": len(results)}
 
 
 def load_coco(path: str) -> Any:

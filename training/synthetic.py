@@ -7,6 +7,8 @@ look like on disk, so a user's own data in these formats trains with the same co
 
 - classification: an ImageFolder tree ``<out>/<class>/<n>.jpg`` (one shape per image);
 - detection: COCO instances JSON ``<out>/annotations.json`` + ``<out>/images/``;
+- instance_segmentation: the same format, scenes where shapes of one or two classes touch
+  and overlap (crowds that only per-object masks tell apart);
 - segmentation: ``<out>/images/<n>.jpg`` + ``<out>/masks/<n>.png`` (class index per pixel,
   0 = background) + ``<out>/classes.txt`` (one name a line, background first).
 
@@ -127,15 +129,26 @@ def render_scene(
     min_radius: float,
     max_radius: float,
     class_ids: list[int] | None = None,
+    cluster: bool = False,
 ) -> Scene:
-    """Render one scene; shapes drawn later occlude earlier ones (masks are visible parts)."""
+    """Render one scene; shapes drawn later occlude earlier ones (masks are visible parts).
+    ``cluster``: each shape is placed touching or overlapping one drawn before it (crowds of
+    one class: what only instance segmentation tells apart)."""
     img = _background(rng, width, height)
     full_masks: list[tuple[int, np.ndarray]] = []
+    placed: list[tuple[float, float, float]] = []
     for i in range(n_shapes):
         cid = int(class_ids[i]) if class_ids is not None else int(rng.integers(0, len(SHAPES)))
         r = rng.uniform(min_radius, max_radius)
-        cx = rng.uniform(r * 0.6, width - r * 0.6)
-        cy = rng.uniform(r * 0.6, height - r * 0.6)
+        if cluster and placed:
+            px, py, pr = placed[int(rng.integers(0, len(placed)))]
+            angle, reach = rng.uniform(0, 2 * math.pi), rng.uniform(0.7, 1.4) * (r + pr)
+            cx = float(np.clip(px + reach * math.cos(angle), r * 0.6, width - r * 0.6))
+            cy = float(np.clip(py + reach * math.sin(angle), r * 0.6, height - r * 0.6))
+        else:
+            cx = rng.uniform(r * 0.6, width - r * 0.6)
+            cy = rng.uniform(r * 0.6, height - r * 0.6)
+        placed.append((cx, cy, r))
         full_masks.append((cid, _draw_shape(img, rng, SHAPES[cid], cx, cy, r)))
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
@@ -181,8 +194,10 @@ def write_segmentation(out: Path, count: int, seed: int) -> None:
         Image.fromarray(scene.semantic_mask(), "L").save(out / "masks" / f"{i:06d}.png")
 
 
-def write_detection(out: Path, count: int, seed: int) -> None:
-    """COCO instances JSON with RLE masks (pycocotools) for every visible shape."""
+def write_detection(out: Path, count: int, seed: int, crowds: bool = False) -> None:
+    """COCO instances JSON with RLE masks (pycocotools) for every visible shape. ``crowds``:
+    scenes of one or two classes whose shapes touch and overlap (:func:`render_scene`'s
+    ``cluster``), the instance segmentation data."""
     from pycocotools import mask as mask_utils
 
     rng = np.random.default_rng(seed)
@@ -191,7 +206,10 @@ def write_detection(out: Path, count: int, seed: int) -> None:
     for i in range(count):
         w, h = _scene_size(rng, 192, 320)
         m = min(w, h)
-        scene = render_scene(rng, w, h, int(rng.integers(1, 7)), 0.06 * m, 0.2 * m)
+        n = int(rng.integers(1, 7))
+        kinds = rng.choice(len(SHAPES), size=int(rng.integers(1, 3)), replace=False) if crowds else None
+        scene = render_scene(rng, w, h, n, 0.06 * m, 0.2 * m, cluster=crowds,
+                             class_ids=None if kinds is None else [int(rng.choice(kinds)) for _ in range(n)])
         fname = f"{i:06d}.jpg"
         scene.image.save(out / "images" / fname, quality=92)
         images.append({"id": i + 1, "file_name": fname, "width": w, "height": h})
@@ -210,11 +228,18 @@ def write_detection(out: Path, count: int, seed: int) -> None:
     (out / "annotations.json").write_text(json.dumps(doc))
 
 
+def write_instances(out: Path, count: int, seed: int) -> None:
+    """Instance segmentation: :func:`write_detection`'s format, scenes of touching crowds."""
+    write_detection(out, count, seed, crowds=True)
+
+
 WRITERS = {
     "classification": write_classification,
     "detection": write_detection,
     "segmentation": write_segmentation,
+    "instance_segmentation": write_instances,
 }
+# Posed figures with keypoints: training.figures (python -m training.figures).
 
 
 def main(argv: list[str] | None = None) -> None:

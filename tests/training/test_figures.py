@@ -87,3 +87,55 @@ def test_keypoint_oks_ap_from_pycocotools(figures: Path) -> None:
     worse = coco_keypoint_metrics(coco, rough, ids, sigmas)
     assert worse["oks_ap"] < 0.9 * perfect["oks_ap"] and worse["oks_ap_50"] <= perfect["oks_ap_50"]
     assert coco_keypoint_metrics(coco, [], ids, sigmas)["oks_ap"] == 0.0
+
+
+def test_the_coco_reader_takes_keypoints_skeleton_and_sigmas(figures: Path) -> None:
+    from core.datasets import CocoDetection
+
+    data = CocoDetection(figures)
+    assert data.keypoint_names == list(KEYPOINTS) and data.sigmas == [SIGMAS[n] for n in KEYPOINTS]
+    assert data.skeleton == [(KEYPOINTS.index(a), KEYPOINTS.index(b)) for a, b in SKELETON]
+    doc = json.loads((figures / "annotations.json").read_text())
+    first = data.samples[0].target
+    anns = [a for a in doc["annotations"] if a["image_id"] == first.image_id]
+    assert first.keypoints.shape == (len(anns), len(KEYPOINTS), 3)
+    np.testing.assert_allclose(first.keypoints.reshape(len(anns), -1), [a["keypoints"] for a in anns])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda doc: doc["annotations"][0].update(keypoints=[1, 2, 2]), "needs 'keypoints' of 39 numbers"),
+    (lambda doc: doc["categories"][0].pop("sigmas"), "have no OKS sigma"),
+    (lambda doc: doc["categories"][0].update(skeleton=[[0, 1]]), "1-based keypoint indices"),
+    (lambda doc: doc["categories"][0].update(sigmas=[0.1]), "one positive number per keypoint"),
+])
+def test_malformed_keypoint_files_are_named(figures: Path, tmp_path: Path, change, message: str) -> None:
+    import shutil
+
+    from core.datasets import CocoDetection
+    from core.errors import DatasetError
+
+    shutil.copytree(figures / "images", tmp_path / "images")
+    doc = json.loads((figures / "annotations.json").read_text())
+    change(doc)
+    (tmp_path / "annotations.json").write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match=message):
+        CocoDetection(tmp_path, verify=False)
+
+
+def test_coco_person_keypoints_need_no_sigmas_of_their_own(figures: Path, tmp_path: Path) -> None:
+    """Real COCO person_keypoints files carry no sigmas: COCO's names get pycocotools' own."""
+    import shutil
+
+    from core.datasets import COCO_KEYPOINT_SIGMAS, CocoDetection
+
+    coco_names = list(COCO_KEYPOINT_SIGMAS)
+    shutil.copytree(figures / "images", tmp_path / "images")
+    doc = json.loads((figures / "annotations.json").read_text())
+    doc["categories"] = [{"id": 1, "name": "person", "keypoints": coco_names, "skeleton": [[16, 14], [14, 12]]}]
+    for a in doc["annotations"]:
+        a["keypoints"] = [0] * 51
+    (tmp_path / "annotations.json").write_text(json.dumps(doc))
+    data = CocoDetection(tmp_path, verify=False)
+    from pycocotools.cocoeval import Params
+
+    assert data.sigmas == pytest.approx(list(Params(iouType="keypoints").kpt_oks_sigmas))

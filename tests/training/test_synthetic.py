@@ -66,3 +66,34 @@ def test_segmentation_pairs(tmp_path: Path) -> None:
         mask = np.asarray(Image.open(tmp_path / "masks" / f"{img.stem}.png"))
         assert mask.shape == Image.open(img).size[::-1]
         assert mask.max() < len(classes) and (mask > 0).any()
+
+
+def test_instance_scenes_hold_touching_objects_of_one_class(tmp_path) -> None:
+    """What semantic segmentation cannot separate: two shapes of one class whose visible
+    masks touch (one pixel apart at most), each its own annotation."""
+    from core.metrics import load_coco
+    from training.synthetic import write_instances
+
+    write_instances(tmp_path, 30, seed=2)
+    coco = load_coco(str(tmp_path / "annotations.json"))
+    touching = 0
+    for image_id in coco.getImgIds():
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        masks = [(a["category_id"], coco.annToMask(a).astype(bool)) for a in anns]
+        for i, (ci, mi) in enumerate(masks):
+            grown = _grown(mi, 2)
+            touching += sum(1 for cj, mj in masks[i + 1:] if cj == ci and (grown & mj).any())
+    assert touching >= 10, touching
+
+
+def _grown(mask, pixels: int):
+    """``mask`` dilated by ``pixels`` (a square neighbourhood)."""
+    import numpy as np
+
+    padded = np.pad(mask, pixels)
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    for dy in range(2 * pixels + 1):
+        for dx in range(2 * pixels + 1):
+            out |= padded[dy:dy + h, dx:dx + w]
+    return out
