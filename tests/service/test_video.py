@@ -187,3 +187,25 @@ def test_a_long_video_is_streamed_in_chunks_and_the_worker_goes_on(server: Serve
     assert [x["frame"] for x in rest[:-1]] == list(range(1, MAX_FRAMES)) and rest[-1]["frames"] == MAX_FRAMES
     status, _, answer = post(f"{server.url}/detect", files={"image": ("f.png", _png(decode(data)[0]))})
     assert status == 200  # and the worker goes on serving images
+
+
+@pytest.mark.parametrize("container", ["mp4", "webm"])
+def test_corrupted_videos_never_take_the_worker_down(server: Server, container: str) -> None:
+    """30 copies of a video with random bytes overwritten after its header (broken frames,
+    lengths, timestamps): each answered with 200 (frames, then maybe an error line) or a 4xx,
+    never a 5xx, and the worker never restarts (FFmpeg's decoders are C)."""
+    data = bytearray(encode(_frames(20), container))
+    rng = np.random.default_rng(7)
+    statuses = []
+    for _ in range(30):
+        broken = bytearray(data)
+        for at in rng.integers(64, len(broken), 12):
+            broken[at:at + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
+        status, _, lines = _post_video(server.url, "/detect", bytes(broken), f"video/{container}")
+        statuses.append(status)
+        assert status in (200, 400, 413, 422), (status, lines[-1])
+        if status == 200:
+            assert "done" in lines[-1] or lines[-1]["error"]["type"] in ("invalid_video", "video_too_large")
+    assert post(f"{server.url}/detect", files={"image": ("f.png", _png(decode(bytes(data))[0]))})[0] == 200
+    assert server.log_text().count("ready: 3 model(s)") == 1, "a worker restarted"
+    print(f"{container}: statuses {sorted(statuses)}")
