@@ -165,6 +165,17 @@ COCO_KEYPOINT_SIGMAS = {
 }
 
 
+def keypoint_flip(names: list[str] | tuple[str, ...]) -> list[int]:
+    """For a mirrored image: the keypoint each slot holds afterwards (``left_*`` and ``right_*``
+    trade places, the rest stay). KeyError-free: a name without its pair stays where it is."""
+    index = {n: i for i, n in enumerate(names)}
+
+    def mirror(name: str) -> str:
+        return name.replace("left", "\0").replace("right", "left").replace("\0", "right")
+
+    return [index.get(mirror(n), i) for i, n in enumerate(names)]
+
+
 def _keypoint_schema(cats: list[dict[str, Any]], where: Path) -> tuple[list[str], list[tuple[int, int]], list[float]]:
     """Keypoint names, skeleton (0-based pairs) and OKS sigmas of a person_keypoints-style file
     (every category lists the same ``keypoints``); empty lists for a plain instances file."""
@@ -270,5 +281,5 @@ class CocoDetection:
 
 
 __all__ = ["Sample", "ImageFolder", "SegmentationFolder", "CocoDetection", "CocoImage", "COCO_KEYPOINT_SIGMAS",
-           "image_files",
+           "keypoint_flip", "image_files",
            "verify_images", "upright_size"]

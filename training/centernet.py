@@ -13,6 +13,7 @@ Backbone: torchvision MobileNetV3 features; a small top-down FPN merges strides 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,16 @@ from training.convnet import ConvNet, Normalize
 def _conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
                          nn.ReLU(inplace=True))
+
+
+class Peaks(NamedTuple):
+    """The top-K centre peaks of a batch: [N, K] scores, labels, flat cell indices, columns, rows."""
+
+    scores: torch.Tensor
+    labels: torch.Tensor
+    pix: torch.Tensor
+    xs: torch.Tensor
+    ys: torch.Tensor
 
 
 class CenterNet(nn.Module):
@@ -62,6 +73,11 @@ class CenterNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: normalised float NCHW -> (heatmap logits [N,C,h,w], log-size [N,2,h,w], offset [N,2,h,w])."""
+        p = self.feature_map(x)
+        return self.heatmap(p), self.size(p), self.offset(p)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The stride-8 map every head reads: backbone taps at strides 8/16/32 merged top-down."""
         feats = []
         for i, block in enumerate(self.features[: self.cuts[-1] + 1]):
             x = block(x)
@@ -71,12 +87,15 @@ class CenterNet(nn.Module):
         for level in (1, 0):
             lat = self.lateral[level](feats[level])
             p = lat + F.interpolate(p, size=lat.shape[-2:], mode="nearest")
-        p = self.smooth(p)
-        return self.heatmap(p), self.size(p), self.offset(p)
+        return self.smooth(p)
 
     def decode(self, heat_logits: torch.Tensor, log_size: torch.Tensor, offset: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Peaks -> top-K boxes (xyxy, input pixels), scores and labels, fixed shapes per batch."""
+        return self.boxes_at(self.peaks(heat_logits), log_size, offset)
+
+    def peaks(self, heat_logits: torch.Tensor) -> Peaks:
+        """The top-K heatmap peaks of each image: scores, labels and cells (fixed shapes)."""
         heat = torch.sigmoid(heat_logits)
         n, c, h, w = heat.shape
         # Tie-break: a fixed pattern that gives the 9 cells of every 3x3 window distinct
@@ -92,14 +111,19 @@ class CenterNet(nn.Module):
         pix = idx - labels * (h * w)
         ys = torch.div(pix, w, rounding_mode="floor")
         xs = pix - ys * w
-        gather = pix.unsqueeze(1).expand(-1, 2, -1)
+        return Peaks(scores, labels, pix, xs, ys)
+
+    def boxes_at(self, peaks: Peaks, log_size: torch.Tensor, offset: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Boxes (xyxy, input pixels), scores and labels at ``peaks``."""
+        gather = peaks.pix.unsqueeze(1).expand(-1, 2, -1)
         size = log_size.flatten(2).gather(2, gather).clamp(max=8.0).exp() * self.stride
         off = offset.flatten(2).gather(2, gather)
-        cx = (xs.to(heat.dtype) + off[:, 0]) * self.stride
-        cy = (ys.to(heat.dtype) + off[:, 1]) * self.stride
+        cx = (peaks.xs.to(off.dtype) + off[:, 0]) * self.stride
+        cy = (peaks.ys.to(off.dtype) + off[:, 1]) * self.stride
         boxes = torch.stack([cx - size[:, 0] / 2, cy - size[:, 1] / 2, cx + size[:, 0] / 2, cy + size[:, 1] / 2],
                             dim=-1)
-        return boxes, scores, labels
+        return boxes, peaks.scores, peaks.labels
 
 
 class CenterNetDetector(ConvNet):

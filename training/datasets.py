@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.contract import COLORS, InputSpec
-from core.datasets import CocoDetection, CocoImage, ImageFolder, SegmentationFolder
+from core.datasets import CocoDetection, CocoImage, ImageFolder, SegmentationFolder, keypoint_flip
 from core.errors import DatasetError, ImageTooLarge, InvalidImage
 from core.imaging import load_input
 from core.tasks import TASKS
@@ -107,13 +107,16 @@ class SegmentationDataset(Dataset):
 
 
 class CocoDetectionDataset(Dataset):
-    """COCO instances: letterboxed images, boxes xyxy in model-input pixels, label indices."""
+    """COCO instances: letterboxed images, boxes xyxy in model-input pixels, label indices; for
+    a keypoint data set also ``keypoints`` [K, P, 3] in model-input pixels (flips swap left and
+    right)."""
 
     def __init__(self, root: Path | str, size: tuple[int, int], augment: bool = False, verify: bool = True,
                  channels: int = 3) -> None:
         self.data = CocoDetection(root, verify)
         self.classes, self.samples = self.data.classes, self.data.samples
         self.spec, self.augment = input_spec("detection", *size, channels), augment
+        self.flip = keypoint_flip(self.data.keypoint_names)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -123,12 +126,22 @@ class CocoDetectionDataset(Dataset):
         target: CocoImage = sample.target
         _, arr, geometry = _load(sample.image, self.spec)
         boxes = geometry.boxes_to_input(target.boxes)
+        keypoints = None
+        if target.keypoints is not None:  # a keypoint data set: x, y to input pixels, v as it is
+            keypoints = target.keypoints.copy()
+            keypoints[..., 0] *= geometry.scale_x
+            keypoints[..., 1] *= geometry.scale_y
         if self.augment and np.random.random() < 0.5:
             arr = arr[:, ::-1]
             boxes[:, [0, 2]] = self.spec.width - boxes[:, [2, 0]]
-        return torch.from_numpy(np.array(arr)), {
-            "boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(target.labels.copy()),
-            "image_id": torch.tensor(target.image_id)}
+            if keypoints is not None:  # mirrored: x flips, left and right trade places
+                keypoints = keypoints[:, self.flip]
+                keypoints[..., 0] = np.where(keypoints[..., 2] > 0, self.spec.width - keypoints[..., 0], 0.0)
+        out = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(target.labels.copy()),
+               "image_id": torch.tensor(target.image_id)}
+        if keypoints is not None:
+            out["keypoints"] = torch.from_numpy(np.ascontiguousarray(keypoints))
+        return torch.from_numpy(np.array(arr)), out
 
 
 def detection_collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]

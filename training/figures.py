@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from core.datasets import keypoint_flip
 from training.synthetic import SHAPES, _background, _draw_shape
 
 KEYPOINTS: tuple[str, ...] = (
@@ -50,8 +51,7 @@ SIGMAS: dict[str, float] = {
     "right_knee": 0.087, "left_foot": 0.089, "right_foot": 0.089,
 }
 # Left <-> right: the keypoint a mirrored image's figure has in each slot.
-FLIP: tuple[int, ...] = tuple(KEYPOINTS.index(n.replace("left", "R").replace("right", "left").replace("R", "right"))
-                              for n in KEYPOINTS)
+FLIP: tuple[int, ...] = tuple(keypoint_flip(KEYPOINTS))
 CATEGORY = "figure"
 
 

@@ -1,0 +1,104 @@
+"""The batchable keypoint detector (training.pose) on synthetic figures: keypoint targets at
+the object's centre cell, a few training steps that lower the loss, and a graph with a
+dynamic batch that ONNX Runtime runs as PyTorch does. (Not yet a task the service serves.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.datasets import CocoDetectionDataset, detection_collate
+from training.figures import FLIP, KEYPOINTS, write_keypoints
+from training.pose import PoseCenterNet, pose_loss, pose_targets
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pose-figures")
+    write_keypoints(out, 16, seed=9)
+    return out
+
+
+def test_the_dataset_letterboxes_keypoints_and_mirrors_left_and_right(figures: Path) -> None:
+    plain = CocoDetectionDataset(figures, (SIZE, SIZE))
+    image, target = plain[0]
+    sample = plain.samples[0].target
+    assert target["keypoints"].shape == (len(sample.boxes), len(KEYPOINTS), 3)
+    scale = target["boxes"][0, 2:].numpy() / sample.boxes[0, 2:]  # the letterbox's x and y scales, from the boxes
+    np.testing.assert_allclose(target["keypoints"][..., :2].numpy(), sample.keypoints[..., :2] * scale, rtol=1e-5)
+    np.testing.assert_array_equal(target["keypoints"][..., 2].numpy(), sample.keypoints[..., 2])
+    flipped = CocoDetectionDataset(figures, (SIZE, SIZE), augment=True)
+    torch.manual_seed(0)
+    np.random.seed(1)
+    for _ in range(20):  # until the coin says flip
+        image_f, target_f = flipped[0]
+        if not torch.equal(image_f, image):
+            break
+    assert torch.equal(image_f, image.flip(1))
+    mirrored = target["keypoints"][:, list(FLIP)]
+    labelled = mirrored[..., 2] > 0
+    np.testing.assert_allclose(target_f["keypoints"][..., 0][labelled].numpy(),
+                               (SIZE - mirrored[..., 0])[labelled].numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(target_f["keypoints"][..., 2].numpy(), mirrored[..., 2].numpy())
+
+
+def test_keypoint_targets_sit_at_the_centre_cell() -> None:
+    kp = torch.tensor([[[20.0, 12.0, 2.0], [30.0, 40.0, 1.0], [0.0, 0.0, 0.0]]])
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 56.0]]), "labels": torch.tensor([0]), "keypoints": kp}
+    rel, labelled, visible = pose_targets([target], 3, 16, 16, 8)
+    ix, iy = 3, 4  # the box centre (24, 32) in stride-8 cells
+    assert rel[0, :, iy, ix].tolist() == pytest.approx([20 / 8 - 3, 12 / 8 - 4, 30 / 8 - 3, 40 / 8 - 4, 0.0, 0.0])
+    assert labelled[0, :, iy, ix].tolist() == [1.0, 1.0, 0.0] and visible[0, :, iy, ix].tolist() == [1.0, 0.0, 0.0]
+    assert labelled.sum() == 2
+
+
+def test_a_few_steps_lower_the_loss_and_the_graph_exports_with_a_dynamic_batch(figures: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from training.convnet import Normalize
+
+    torch.manual_seed(0)
+    data = CocoDetectionDataset(figures, (SIZE, SIZE))
+    images, targets = detection_collate([data[i] for i in range(8)])
+    model = PoseCenterNet(1, len(KEYPOINTS), width_mult=0.5, max_detections=20)
+    normalize = Normalize()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss = pose_loss(model(normalize(images)), [{**t, "labels": t["labels"] * 0} for t in targets], 1,
+                         len(KEYPOINTS))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+    class Graph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.normalize, self.model = normalize, model
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return self.model.decode_pose(*self.model(self.normalize(x)))
+
+    graph = Graph().eval()
+    path = tmp_path / "pose.onnx"
+    names = ["boxes", "scores", "labels", "keypoints"]
+    torch.onnx.export(graph, (images[:1],), str(path), input_names=["images"], output_names=names,
+                      dynamic_axes={"images": {0: "n"}, **{n: {0: "n"} for n in names}}, opset_version=17,
+                      dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = images[:3]
+    got = dict(zip(names, session.run(None, {"images": batch.numpy()})))
+    with torch.no_grad():
+        want = dict(zip(names, (t.numpy() for t in graph(batch))))
+    assert got["keypoints"].shape == (3, 20, len(KEYPOINTS), 3) and got["boxes"].shape == (3, 20, 4)
+    # The strongest peaks: an untrained heatmap's weak ones are near-ties that runtimes may order apart.
+    for name in names:
+        np.testing.assert_allclose(got[name][:, :5], want[name][:, :5], rtol=1e-3, atol=1e-3, err_msg=name)
+    assert (got["keypoints"][..., 2] <= got["scores"][..., None] + 1e-6).all()  # confidence <= the object's score
