@@ -195,19 +195,23 @@ def build_targets(targets: list[dict[str, torch.Tensor]], num_classes: int, out_
     return heat, size, off, mask
 
 
+def focal_loss(heat_logits: torch.Tensor, t_heat: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss of heatmap logits against Gaussian targets (1 at peaks)."""
+    pred = torch.sigmoid(heat_logits).clamp(1e-4, 1 - 1e-4)
+    pos = t_heat.eq(1).float()
+    neg_weight = (1 - t_heat) ** 4
+    pos_loss = (torch.log(pred) * (1 - pred) ** 2 * pos).sum()
+    neg_loss = (torch.log(1 - pred) * pred ** 2 * neg_weight * (1 - pos)).sum()
+    return -(pos_loss + neg_loss) / pos.sum().clamp(min=1.0)
+
+
 def centernet_loss(outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                    targets: list[dict[str, torch.Tensor]], num_classes: int, stride: int = 8) -> torch.Tensor:
     """CenterNet's penalty-reduced focal loss + L1 on log-size and offset at centres."""
     heat_logits, log_size, offset = outputs
     h, w = heat_logits.shape[-2:]
     t_heat, t_size, t_off, mask = (t.to(heat_logits.device) for t in build_targets(targets, num_classes, h, w, stride))
-    pred = torch.sigmoid(heat_logits).clamp(1e-4, 1 - 1e-4)
-    pos = t_heat.eq(1).float()
-    neg_weight = (1 - t_heat) ** 4
-    pos_loss = (torch.log(pred) * (1 - pred) ** 2 * pos).sum()
-    neg_loss = (torch.log(1 - pred) * pred ** 2 * neg_weight * (1 - pos)).sum()
-    num_pos = pos.sum().clamp(min=1.0)
-    focal = -(pos_loss + neg_loss) / num_pos
+    focal = focal_loss(heat_logits, t_heat)
     denom = mask.sum().clamp(min=1.0)
     size_l1 = (F.l1_loss(log_size, t_size, reduction="none") * mask).sum() / denom
     off_l1 = (F.l1_loss(offset, t_off, reduction="none") * mask).sum() / denom

@@ -50,11 +50,38 @@ def test_the_dataset_letterboxes_keypoints_and_mirrors_left_and_right(figures: P
 def test_keypoint_targets_sit_at_the_centre_cell() -> None:
     kp = torch.tensor([[[20.0, 12.0, 2.0], [30.0, 40.0, 1.0], [0.0, 0.0, 0.0]]])
     target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 56.0]]), "labels": torch.tensor([0]), "keypoints": kp}
-    rel, labelled, visible = pose_targets([target], 3, 16, 16, 8)
+    rel, labelled, visible, heat, _, heat_mask = pose_targets([target], 3, 16, 16, 8)
     ix, iy = 3, 4  # the box centre (24, 32) in stride-8 cells
     assert rel[0, :, iy, ix].tolist() == pytest.approx([20 / 8 - 3, 12 / 8 - 4, 30 / 8 - 3, 40 / 8 - 4, 0.0, 0.0])
     assert labelled[0, :, iy, ix].tolist() == [1.0, 1.0, 0.0] and visible[0, :, iy, ix].tolist() == [1.0, 0.0, 0.0]
     assert labelled.sum() == 2
+    assert heat[0, 0, 1, 2] == 1.0 and heat[0, 1, 5, 3] == 1.0 and heat[0, 2].max() == 0  # (20, 12), (30, 40) px
+    assert heat_mask.sum() == 2
+
+
+def test_regressed_keypoints_snap_to_their_heatmap_peak_inside_the_box() -> None:
+    """One object at cell (4, 4) of a 16x16 map; keypoint 0 regressed to (34, 34) px, its
+    heatmap peaking at cell (5, 3) (+0.5 offset: 44, 28 px): snapped there. Keypoint 1's only
+    peak is outside the box: it stays where it was regressed."""
+    model = PoseCenterNet(1, 2, width_mult=0.5, max_detections=3)
+    h = w = 16
+    heat = torch.full((1, 1, h, w), -10.0)
+    heat[0, 0, 4, 4] = 5.0
+    log_size = torch.full((1, 2, h, w), float(np.log(4.0)))  # 4 cells = 32 px around (32, 32): the box (16, 16)-(48, 48)
+    offset = torch.zeros(1, 2, h, w)
+    kp_offset = torch.zeros(1, 4, h, w)
+    kp_offset[0, :, 4, 4] = torch.tensor([0.25, 0.25, 0.5, 0.0])  # (34, 34) and (36, 32) px
+    kp_visible = torch.zeros(1, 2, h, w)
+    kp_heat = torch.full((1, 2, h, w), -10.0)
+    kp_heat[0, 0, 3, 5] = 5.0     # inside the box
+    kp_heat[0, 1, 12, 12] = 5.0   # outside it
+    kp_heat_offset = torch.full((1, 2, h, w), 0.5)
+    with torch.no_grad():
+        boxes, scores, _, kps = model.decode_pose(heat, log_size, offset, kp_offset, kp_visible, kp_heat,
+                                                  kp_heat_offset)
+    assert boxes[0, 0].tolist() == pytest.approx([16.0, 16.0, 48.0, 48.0])
+    assert kps[0, 0, 0, :2].tolist() == pytest.approx([44.0, 28.0])
+    assert kps[0, 0, 1, :2].tolist() == pytest.approx([36.0, 32.0])
 
 
 def test_a_few_steps_lower_the_loss_and_the_graph_exports_with_a_dynamic_batch(figures: Path, tmp_path: Path) -> None:
