@@ -67,7 +67,7 @@ def test_regressed_keypoints_snap_to_their_heatmap_peak_inside_the_box() -> None
     h = w = 16
     heat = torch.full((1, 1, h, w), -10.0)
     heat[0, 0, 4, 4] = 5.0
-    log_size = torch.full((1, 2, h, w), float(np.log(4.0)))  # 4 cells = 32 px around (32, 32): the box (16, 16)-(48, 48)
+    log_size = torch.full((1, 2, h, w), float(np.log(4.0)))  # 4 cells = 32 px around (32, 32): box (16,16)-(48,48)
     offset = torch.zeros(1, 2, h, w)
     kp_offset = torch.zeros(1, 4, h, w)
     kp_offset[0, :, 4, 4] = torch.tensor([0.25, 0.25, 0.5, 0.0])  # (34, 34) and (36, 32) px
