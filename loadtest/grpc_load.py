@@ -33,8 +33,7 @@ STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 def infer_request(model: str, input_name: str, image: bytes) -> bytes:
     """A serialised ModelInferRequest: one encoded image as a BYTES [1] tensor (raw contents)."""
     req = pb.ModelInferRequest(model_name=model)
-    tensor = req.inputs.add(name=input_name, datatype="BYTES", shape=[1])
-    del tensor  # the data goes in raw_input_contents, as tritonclient sends it
+    req.inputs.add(name=input_name, datatype="BYTES", shape=[1])  # its data: raw_input_contents, as tritonclient
     req.raw_input_contents.append(struct.pack("<I", len(image)) + image)
     return req.SerializeToString()
 
@@ -43,58 +42,49 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
-async def _unary(channel: grpc.aio.Channel, requests: list[bytes], concurrency: int, seconds: float
+async def _unary(channel: grpc.aio.Channel, requests: list[bytes], first: int, stop: float
                  ) -> tuple[list[float], int]:
+    """One client sending ModelInfer calls back to back until ``stop`` (perf_counter), starting
+    at request ``first``: its latencies (s) and failed calls."""
     call = channel.unary_unary(INFER, request_serializer=_identity, response_deserializer=_identity)
     latencies: list[float] = []
-    errors = 0
-    stop = time.perf_counter() + seconds
-
-    async def client(k: int) -> None:
-        nonlocal errors
-        i = k
-        while time.perf_counter() < stop:
-            t = time.perf_counter()
-            try:
-                await call(requests[i % len(requests)])
-                latencies.append(time.perf_counter() - t)
-            except grpc.aio.AioRpcError:
-                errors += 1
-            i += 1
-
-    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    errors, i = 0, first
+    while time.perf_counter() < stop:
+        t = time.perf_counter()
+        try:
+            await call(requests[i % len(requests)])
+            latencies.append(time.perf_counter() - t)
+        except grpc.aio.AioRpcError:
+            errors += 1
+        i += 1
     return latencies, errors
 
 
-async def _streams(channel: grpc.aio.Channel, requests: list[bytes], concurrency: int, seconds: float,
-                   window: int) -> tuple[list[float], int]:
+async def _stream(channel: grpc.aio.Channel, requests: list[bytes], first: int, stop: float, window: int
+                  ) -> tuple[list[float], int]:
+    """One ModelStreamInfer stream keeping ``window`` frames in flight until ``stop``: per-frame
+    latencies (s) and frames answered with an error."""
     call = channel.stream_stream(STREAM, request_serializer=_identity, response_deserializer=_identity)
     latencies: list[float] = []
     errors = 0
-    stop = time.perf_counter() + seconds
+    sent: asyncio.Queue[float] = asyncio.Queue()
+    credits = asyncio.Semaphore(window)
 
-    async def stream(k: int) -> None:
-        nonlocal errors
-        sent: asyncio.Queue[float] = asyncio.Queue()
-        credits = asyncio.Semaphore(window)
+    async def frames() -> Any:
+        i = first
+        while time.perf_counter() < stop:
+            await credits.acquire()
+            sent.put_nowait(time.perf_counter())
+            yield requests[i % len(requests)]
+            i += 1
 
-        async def frames() -> Any:
-            i = k
-            while time.perf_counter() < stop:
-                await credits.acquire()
-                sent.put_nowait(time.perf_counter())
-                yield requests[i % len(requests)]
-                i += 1
-
-        async for answer in call(frames()):
-            t = sent.get_nowait()
-            if pb.ModelStreamInferResponse.FromString(answer).error_message:
-                errors += 1
-            else:
-                latencies.append(time.perf_counter() - t)
-            credits.release()
-
-    await asyncio.gather(*(stream(k) for k in range(concurrency)))
+    async for answer in call(frames()):
+        t = sent.get_nowait()
+        if pb.ModelStreamInferResponse.FromString(answer).error_message:
+            errors += 1
+        else:
+            latencies.append(time.perf_counter() - t)
+        credits.release()
     return latencies, errors
 
 
@@ -109,11 +99,10 @@ async def run(target: str, requests: list[bytes], mode: str, concurrency: int, s
         await warm(requests[0])
         before = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        if mode == "unary":
-            results = await asyncio.gather(*(_unary(channels[k], requests, 1, seconds) for k in range(concurrency)))
-        else:
-            results = await asyncio.gather(*(_streams(channels[k], requests, 1, seconds, window)
-                                             for k in range(concurrency)))
+        stop = t0 + seconds
+        results = await asyncio.gather(*(
+            _unary(ch, requests, k, stop) if mode == "unary" else _stream(ch, requests, k, stop, window)
+            for k, ch in enumerate(channels)))
         elapsed = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_SELF)
     finally:
