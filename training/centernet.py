@@ -13,6 +13,7 @@ Backbone: torchvision MobileNetV3 features; a small top-down FPN merges strides 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -173,26 +174,33 @@ def build_targets(targets: list[dict[str, torch.Tensor]], num_classes: int, out_
     mask = torch.zeros(n, 1, out_h, out_w)
     ys = torch.arange(out_h, dtype=torch.float32).view(-1, 1)
     xs = torch.arange(out_w, dtype=torch.float32).view(1, -1)
+    for b, j, (x1, y1, x2, y2), ix, iy in centre_cells(targets, out_h, out_w, stride):
+        bw, bh = x2 - x1, y2 - y1
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        sx, sy = max(0.54 * bw / 6, 0.3), max(0.54 * bh / 6, 0.3)
+        g = torch.exp(-((xs - ix) ** 2) / (2 * sx * sx) - ((ys - iy) ** 2) / (2 * sy * sy))
+        c = int(targets[b]["labels"][j])
+        heat[b, c] = torch.maximum(heat[b, c], g)
+        heat[b, c, iy, ix] = 1.0
+        size[b, :, iy, ix] = torch.tensor([math.log(bw), math.log(bh)])
+        off[b, :, iy, ix] = torch.tensor([cx - ix, cy - iy])
+        mask[b, 0, iy, ix] = 1.0
+    return heat, size, off, mask
+
+
+def centre_cells(targets: list[dict[str, torch.Tensor]], out_h: int, out_w: int, stride: int
+                 ) -> Iterator[tuple[int, int, tuple[float, float, float, float], int, int]]:
+    """Where each object's targets go: (image, object, its box in cells, centre column, centre
+    row), larger boxes first so that a smaller object wins a cell it shares; empty boxes left out.
+    Every head trained at the centres (boxes here, keypoints in training.pose) uses this walk."""
     for b, t in enumerate(targets):
         boxes = t["boxes"] / stride
-        # Larger boxes first so small ones win the shared cells they overlap.
         order = torch.argsort((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), descending=True)
         for j in order.tolist():
             x1, y1, x2, y2 = boxes[j].tolist()
-            bw, bh = x2 - x1, y2 - y1
-            if bw <= 0 or bh <= 0:
+            if x2 <= x1 or y2 <= y1:
                 continue
-            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-            ix, iy = min(int(cx), out_w - 1), min(int(cy), out_h - 1)
-            sx, sy = max(0.54 * bw / 6, 0.3), max(0.54 * bh / 6, 0.3)
-            g = torch.exp(-((xs - ix) ** 2) / (2 * sx * sx) - ((ys - iy) ** 2) / (2 * sy * sy))
-            c = int(t["labels"][j])
-            heat[b, c] = torch.maximum(heat[b, c], g)
-            heat[b, c, iy, ix] = 1.0
-            size[b, :, iy, ix] = torch.tensor([math.log(bw), math.log(bh)])
-            off[b, :, iy, ix] = torch.tensor([cx - ix, cy - iy])
-            mask[b, 0, iy, ix] = 1.0
-    return heat, size, off, mask
+            yield b, j, (x1, y1, x2, y2), min(int((x1 + x2) / 2), out_w - 1), min(int((y1 + y2) / 2), out_h - 1)
 
 
 def focal_loss(heat_logits: torch.Tensor, t_heat: torch.Tensor) -> torch.Tensor:

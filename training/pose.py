@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.centernet import CenterNet, _conv_bn_relu, centernet_loss, focal_loss
+from training.centernet import CenterNet, _conv_bn_relu, centernet_loss, centre_cells, focal_loss
 
 SNAP_SCORE = 0.1  # a keypoint heatmap peak weaker than this never moves a regressed keypoint
 
@@ -104,29 +104,22 @@ def pose_targets(targets: list[dict[str, torch.Tensor]], num_keypoints: int, out
     heat_mask = torch.zeros(n, 1, out_h, out_w)
     ys = torch.arange(out_h, dtype=torch.float32).view(-1, 1)
     xs = torch.arange(out_w, dtype=torch.float32).view(1, -1)
-    for b, t in enumerate(targets):
-        boxes = t["boxes"] / stride
-        order = torch.argsort((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), descending=True)
-        for j in order.tolist():  # larger first, as build_targets: the smaller object keeps a shared cell
-            x1, y1, x2, y2 = boxes[j].tolist()
-            if x2 <= x1 or y2 <= y1:
-                continue
-            ix, iy = min(int((x1 + x2) / 2), out_w - 1), min(int((y1 + y2) / 2), out_h - 1)
-            kp = t["keypoints"][j]  # [P, 3], input pixels
-            known = (kp[:, 2] > 0).float()
-            rel[b, 0::2, iy, ix] = (kp[:, 0] / stride - ix) * known
-            rel[b, 1::2, iy, ix] = (kp[:, 1] / stride - iy) * known
-            labelled[b, :, iy, ix] = known
-            visible[b, :, iy, ix] = (kp[:, 2] == 2).float()
-            sigma = max(0.1 * min(x2 - x1, y2 - y1), 0.5)
-            for p in torch.nonzero(known).flatten().tolist():
-                kx, ky = (kp[p, 0] / stride).item(), (kp[p, 1] / stride).item()
-                jx, jy = min(max(int(kx), 0), out_w - 1), min(max(int(ky), 0), out_h - 1)
-                g = torch.exp(-((xs - jx) ** 2 + (ys - jy) ** 2) / (2 * sigma * sigma))
-                heat[b, p] = torch.maximum(heat[b, p], g)
-                heat[b, p, jy, jx] = 1.0
-                heat_off[b, :, jy, jx] = torch.tensor([kx - jx, ky - jy])
-                heat_mask[b, 0, jy, jx] = 1.0
+    for b, j, (x1, y1, x2, y2), ix, iy in centre_cells(targets, out_h, out_w, stride):  # build_targets' cells
+        kp = targets[b]["keypoints"][j]  # [P, 3], input pixels
+        known = (kp[:, 2] > 0).float()
+        rel[b, 0::2, iy, ix] = (kp[:, 0] / stride - ix) * known
+        rel[b, 1::2, iy, ix] = (kp[:, 1] / stride - iy) * known
+        labelled[b, :, iy, ix] = known
+        visible[b, :, iy, ix] = (kp[:, 2] == 2).float()
+        sigma = max(0.1 * min(x2 - x1, y2 - y1), 0.5)
+        for p in torch.nonzero(known).flatten().tolist():
+            kx, ky = (kp[p, 0] / stride).item(), (kp[p, 1] / stride).item()
+            jx, jy = min(max(int(kx), 0), out_w - 1), min(max(int(ky), 0), out_h - 1)
+            g = torch.exp(-((xs - jx) ** 2 + (ys - jy) ** 2) / (2 * sigma * sigma))
+            heat[b, p] = torch.maximum(heat[b, p], g)
+            heat[b, p, jy, jx] = 1.0
+            heat_off[b, :, jy, jx] = torch.tensor([kx - jx, ky - jy])
+            heat_mask[b, 0, jy, jx] = 1.0
     return rel, labelled, visible, heat, heat_off, heat_mask
 
 
