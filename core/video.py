@@ -84,22 +84,21 @@ class VideoReader:
     def __init__(self, data: bytes, *, max_pixels: int, max_frames: int, frame_step: int = 1) -> None:
         import av
 
-        self.container_name = container_of(data)
-        demuxer, options = CONTAINERS[self.container_name]
+        container = container_of(data)
+        demuxer, options = CONTAINERS[container]
         self.max_frames, self.frame_step = max_frames, max(1, frame_step)
         self._lock = threading.Lock()
         self._closed = False
         try:
             self._container = av.open(io.BytesIO(data), format=demuxer, options=options)
         except (av.error.FFmpegError, ValueError, OSError) as exc:
-            raise InvalidVideo(f"the {self.container_name} file cannot be read: {_reason(exc)}") from None
+            raise InvalidVideo(f"the {container} file cannot be read: {_reason(exc)}") from None
         if not self._container.streams.video:
             self.close()
             raise InvalidVideo("the file holds no video stream")
         stream = self._container.streams.video[0]
-        self._stream = stream
         ctx = stream.codec_context
-        self.info = VideoInfo(self.container_name, ctx.name, int(ctx.width or 0), int(ctx.height or 0),
+        self.info = VideoInfo(container, ctx.name, int(ctx.width or 0), int(ctx.height or 0),
                               float(stream.average_rate) if stream.average_rate else None,
                               int(stream.frames) or None,
                               float(stream.duration * stream.time_base) if stream.duration and stream.time_base

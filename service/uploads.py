@@ -92,18 +92,14 @@ async def read_upload(headers: dict[str, str], query: dict[str, str], receive: R
         form = _Form(boundary, limits)
         await _stream(receive, limits, length, on_bytes, form.write)
         return form.finish(query)
-    if ctype in VIDEO_TYPES:
+    video = ctype in VIDEO_TYPES
+    if video or ctype.startswith("image/") or ctype in RAW_TYPES:
         body = bytearray()
         await _stream(receive, limits, length, on_bytes, body.extend)
         if not body:
-            raise UploadError(422, "invalid_parameter", "the request body is empty: send the video as the body")
-        return Upload([], dict(query), video=bytes(body))
-    if ctype.startswith("image/") or ctype in RAW_TYPES:
-        body = bytearray()
-        await _stream(receive, limits, length, on_bytes, body.extend)
-        if not body:
-            raise UploadError(422, "invalid_parameter", "the request body is empty: send the image as the body")
-        return Upload([bytes(body)], dict(query))
+            raise UploadError(422, "invalid_parameter", f"the request body is empty: send the "
+                              f"{'video' if video else 'image'} as the body")
+        return Upload([], dict(query), video=bytes(body)) if video else Upload([bytes(body)], dict(query))
     if not ctype:
         raise UploadError(415, "unsupported_media_type", "no Content-Type: send multipart/form-data with an "
                           "'image' field, or the image itself as image/* or application/octet-stream (a video as "
