@@ -70,13 +70,20 @@ def test_requests_whose_deadline_passed_are_not_run(slow_server: tuple[Server, s
     client = tg.InferenceServerClient(target)
     meta = client.get_model_metadata(MODEL, as_json=True)
     assert [int(d) for d in meta["inputs"][0]["shape"][1:]] == [192, 192, 3]
+    # The deadline scales with this machine's speed: one request's time, measured, times three,
+    # so the first requests of the burst are answered and the later ones wait in the queue past
+    # it (a fixed 0.15 s ran out on a slow CI machine before any image had been queued).
+    client.infer(MODEL, [_tensor(client)])
+    t0 = time.perf_counter()
+    client.infer(MODEL, [_tensor(client)])
+    deadline = 3 * (time.perf_counter() - t0)
     ran0, dropped0 = _settle(srv.url)
     sent = 20 * IMAGES
 
     async def burst() -> list[object]:
         c = tga.InferenceServerClient(target)
         try:
-            return await asyncio.gather(*(c.infer(MODEL, [_tensor(c)], client_timeout=0.15) for _ in range(20)),
+            return await asyncio.gather(*(c.infer(MODEL, [_tensor(c)], client_timeout=deadline) for _ in range(20)),
                                         return_exceptions=True)
         finally:
             await c.close()
