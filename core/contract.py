@@ -58,6 +58,12 @@ class OutputSpec:
     detection: ``boxes`` [N, K, 4] xyxy in model-input pixels, ``scores`` [N, K], ``labels``
       [N, K] (indices into labels), padded to K with score-0 rows.
     segmentation: ``masks`` names [N, C, H, W] mask_logits or an [N, H, W] class_map.
+    instance_segmentation: detection's three plus ``masks`` [N, K, h, w]: each detection's mask
+      probability (0..1) over the whole model input at h x w (any resolution: the service scales
+      the grid onto the input's pixels), zero outside the object's box.
+    keypoints: detection's three plus ``keypoints`` [N, K, P, 3]: each detection's P keypoints
+      (x, y in model-input pixels, confidence in [0, 1]), in the order of the contract's
+      ``keypoints.names``.
     A graph with a fixed batch of 1 may leave the leading N axis out of its outputs.
     """
 
@@ -69,6 +75,7 @@ class OutputSpec:
     masks: str | None = None
     embedding: str | None = None
     cam: str | None = None
+    keypoints: str | None = None
     boxes_format: str = "xyxy"
     box_space: str = "input_pixels"
     max_detections: int | None = None
@@ -76,8 +83,32 @@ class OutputSpec:
 
     def tensor_names(self) -> list[str]:
         """The graph outputs this spec names, in a fixed order."""
-        return [n for n in (self.boxes, self.scores, self.labels, self.count, self.masks, self.embedding, self.cam)
-                if n]
+        return [n for n in (self.boxes, self.scores, self.labels, self.keypoints, self.count, self.masks,
+                            self.embedding, self.cam) if n]
+
+
+@dataclass(frozen=True)
+class KeypointSpec:
+    """A keypoint model's skeleton: the P keypoint ``names`` in output order, the ``skeleton``'s
+    edges as pairs of 0-based indices into them (what a drawing joins), and one OKS ``sigma``
+    per keypoint (COCO's per-keypoint falloff: how far, relative to the object's size, a
+    prediction may land and still count; pycocotools' ``kpt_oks_sigmas``)."""
+
+    names: list[str]
+    skeleton: list[list[int]]
+    sigmas: list[float]
+
+    def validate(self) -> None:
+        if not self.names:
+            raise ContractError("keypoints.names: must list at least one keypoint")
+        if len(set(self.names)) != len(self.names) or not all(self.names):
+            raise ContractError("keypoints.names: empty or duplicate keypoint name")
+        for i, edge in enumerate(self.skeleton):
+            if len(edge) != 2 or not all(0 <= j < len(self.names) for j in edge):
+                raise ContractError(f"keypoints.skeleton[{i}]: must be two indices in 0..{len(self.names) - 1}, "
+                                    f"got {edge}")
+        if len(self.sigmas) != len(self.names) or not all(v > 0 for v in self.sigmas):
+            raise ContractError(f"keypoints.sigmas: must hold one positive number per keypoint ({len(self.names)})")
 
 
 @dataclass(frozen=True)
@@ -92,7 +123,8 @@ class BatchSpec:
         return None if self.dynamic else self.size
 
 
-OUTPUT_FIELDS = ("scores", "boxes", "labels", "count", "masks", "embedding", "cam")  # OutputSpec's tensor fields
+# OutputSpec's tensor fields
+OUTPUT_FIELDS = ("scores", "boxes", "labels", "keypoints", "count", "masks", "embedding", "cam")
 
 
 @dataclass(frozen=True)
@@ -138,7 +170,14 @@ LAYOUTS: dict[str, OutputLayout] = {
                                            "count": {"*": 0}}),
     "segmentation": OutputLayout(kinds=("mask_logits", "class_map"),
                                  image_ranks={"masks": {"mask_logits": 3, "class_map": 2}}),
+    "instance_segmentation": OutputLayout(kinds=("boxes",), optional=("count",),
+                                          image_ranks={"boxes": {"*": 2}, "scores": {"*": 1}, "labels": {"*": 1},
+                                                       "masks": {"*": 3}, "count": {"*": 0}}),
+    "keypoints": OutputLayout(kinds=("boxes",), optional=("count",),
+                              image_ranks={"boxes": {"*": 2}, "scores": {"*": 1}, "labels": {"*": 1},
+                                           "keypoints": {"*": 3}, "count": {"*": 0}}),
 }
+NEEDS_KEYPOINTS = ("keypoints",)  # the tasks whose contract carries a KeypointSpec
 
 
 @dataclass(frozen=True)
@@ -151,9 +190,13 @@ class ModelContract:
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     precision: str = "fp32"  # the variant: fp32, or int8 (export.quantize); inputs stay uint8 either way
+    keypoints: KeypointSpec | None = None  # keypoint models only: names, skeleton, OKS sigmas
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        doc = asdict(self)
+        if doc["keypoints"] is None:  # the other tasks' documents stay as they were
+            del doc["keypoints"]
+        return json.dumps(doc, sort_keys=True)
 
     def with_provenance(self, **entries: Any) -> ModelContract:
         """A copy with ``entries`` added to the provenance."""
@@ -196,6 +239,12 @@ class ModelContract:
             seen.add(name)
         _validate_input(self.input)
         LAYOUTS[self.task].check(self.task, self.outputs)
+        if self.task in NEEDS_KEYPOINTS:
+            if self.keypoints is None:
+                raise ContractError(f"keypoints: required for {self.task} (names, skeleton, sigmas)")
+            self.keypoints.validate()
+        elif self.keypoints is not None:
+            raise ContractError(f"keypoints: not part of a {self.task} model's contract")
         b = self.batch
         if b.dynamic and b.size is not None:
             raise ContractError("batch.size: must be null when batch.dynamic is true")
@@ -347,6 +396,11 @@ def check_io(contract: ModelContract, inputs: Iterable[IOSpec], outputs: Iterabl
             raise ContractError(f"outputs.{field_name}: output {tensor!r} has rank {len(shape)}; a "
                                 f"{contract.task} {field_name} output has rank {image_rank} per image, "
                                 f"plus the batch axis")
+        if contract.keypoints is not None and tensor == contract.outputs.keypoints:
+            want = [len(contract.keypoints.names), 3]
+            if any(isinstance(d, int) and d != w for d, w in zip(shape[-2:], want)):
+                raise ContractError(f"outputs.keypoints: output {tensor!r} has shape {shape}; its last axes must "
+                                    f"be {want} (the contract's keypoints, then x, y, confidence)")
         if contract.batch.dynamic and isinstance(shape[0], int):
             raise ContractError(f"outputs.{field_name}: output {tensor!r} has a fixed batch axis of {shape[0]}, "
                                 "but the contract says the batch is dynamic")

@@ -153,6 +153,7 @@ class CocoImage:
     boxes: np.ndarray   # float32 [K, 4]
     labels: np.ndarray  # int64 [K], indices into CocoDetection.classes
     keypoints: np.ndarray | None = None  # float32 [K, P, 3]: x, y in original pixels, v (0 unlabelled, 1, 2)
+    segmentations: tuple[Any, ...] | None = None  # each object's COCO segmentation (RLE or polygons), if all have one
 
 
 # COCO's person keypoints and their OKS sigmas (pycocotools' defaults, cocoeval.py): a data set
@@ -248,7 +249,10 @@ class CocoDetection:
             boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
             boxes[:, 2:] += boxes[:, :2]
             labels = np.array([label_of[a["category_id"]] for a in anns], np.int64)
-            self.samples.append(Sample(path, CocoImage(int(im["id"]), boxes, labels, self._keypoints(anns))))
+            segmentations = tuple(a["segmentation"] for a in anns) if all(a.get("segmentation") for a in anns) \
+                else None
+            self.samples.append(Sample(path, CocoImage(int(im["id"]), boxes, labels, self._keypoints(anns),
+                                                       segmentations)))
         if verify:
             verify_images([s.image for s in self.samples])
             for s, im in zip(self.samples, doc["images"]):
@@ -269,6 +273,30 @@ class CocoDetection:
                                    f"numbers (x, y, v for each of {len(self.keypoint_names)}), has "
                                    f"{len(kp) if isinstance(kp, list) else kp!r}")
         return np.array([a["keypoints"] for a in anns], np.float32).reshape(len(anns), len(self.keypoint_names), 3)
+
+    def load_masks(self, target: CocoImage, image_size: tuple[int, int]) -> np.ndarray:
+        """Each object's mask, uint8 [K, H, W] at ``image_size`` (width, height), decoded from its
+        COCO segmentation (compressed or uncompressed RLE, or polygons) by pycocotools."""
+        from pycocotools import mask as mask_utils
+
+        width, height = image_size
+        if target.segmentations is None:
+            raise DatasetError(f"{self.annotations_file}: image {target.image_id} has objects without a "
+                               "'segmentation': not an instance segmentation data set")
+        masks = np.zeros((len(target.segmentations), height, width), np.uint8)
+        for i, segm in enumerate(target.segmentations):
+            if isinstance(segm, list):  # polygons
+                rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+            elif isinstance(segm.get("counts"), list):  # uncompressed RLE
+                rle = mask_utils.frPyObjects(segm, height, width)
+            else:
+                rle = {"size": segm["size"], "counts": segm["counts"].encode() if isinstance(segm["counts"], str)
+                       else segm["counts"]}
+            if list(rle["size"]) != [height, width]:
+                raise DatasetError(f"{self.annotations_file}: image {target.image_id}: a mask of size "
+                                   f"{list(rle['size'])}, the image is {[height, width]} (height, width)")
+            masks[i] = mask_utils.decode(rle)
+        return masks
 
     @property
     def coco(self) -> Any:

@@ -39,6 +39,8 @@ CLASS_AXES: Mapping[str, tuple[tuple[str, str | None, int], ...]] = {
     "classification": (("scores", None, -1), ("cam", None, -3)),
     "segmentation": (("masks", "mask_logits", -3),),
     "detection": (),
+    "keypoints": (),
+    "instance_segmentation": (),
 }
 
 

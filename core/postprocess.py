@@ -111,14 +111,21 @@ def _blend(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return np.round(rgb.astype(np.float32) * (1 - alpha) + hot * alpha).astype(np.uint8)
 
 
+def kept_detections(scores: np.ndarray, score_threshold: float, max_detections: int) -> np.ndarray:
+    """Indices of one image's padded detections scoring at least ``score_threshold``, best first
+    (ties in output order), at most ``max_detections``."""
+    scores = scores.reshape(-1)
+    keep = np.flatnonzero(scores >= score_threshold)
+    return keep[np.argsort(-scores[keep], kind="stable")][:max_detections]
+
+
 def select_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, geometry: Geometry,
                       score_threshold: float, max_detections: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image's padded detections above ``score_threshold``, best first, at most
     ``max_detections``: boxes [K, 4] mapped to original pixels and rounded to 0.01 px, scores
     [K] rounded to 6 decimals (float64, as the JSON answer states them), labels [K] int64."""
     boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-    keep = np.flatnonzero(scores >= score_threshold)
-    keep = keep[np.argsort(-scores[keep], kind="stable")][:max_detections]
+    keep = kept_detections(scores, score_threshold, max_detections)
     mapped = geometry.boxes_to_original(boxes[keep]).astype(np.float64)
     return np.round(mapped, 2), np.round(scores[keep].astype(np.float64), 6), labels[keep].astype(np.int64)
 
@@ -133,6 +140,121 @@ def detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, geomet
         out.append({"box": box, "score": s,
                     "label": label_names[lab] if 0 <= lab < len(label_names) else str(lab), "label_id": lab})
     return out
+
+
+def keypoints_to_original(points: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """[..., P, 3] keypoints (x, y in model-input pixels, confidence) -> x, y in original pixels,
+    clipped to the image and rounded to 0.01 px; confidences rounded to 6 decimals (float64)."""
+    out = points.astype(np.float64, copy=True)
+    out[..., 0] = np.clip(out[..., 0] / geometry.scale_x, 0, geometry.orig_width)
+    out[..., 1] = np.clip(out[..., 1] / geometry.scale_y, 0, geometry.orig_height)
+    out[..., :2] = np.round(out[..., :2], 2)
+    out[..., 2] = np.round(np.clip(out[..., 2], 0.0, 1.0), 6)
+    return out
+
+
+def pose_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, points: np.ndarray,
+                    geometry: Geometry, label_names: list[str], keypoint_names: list[str], score_threshold: float,
+                    max_detections: int) -> list[dict[str, Any]]:
+    """:func:`detections`, each with its ``keypoints``: one ``{name, x, y, score}`` per keypoint
+    of the model's skeleton, x and y in original pixels, score the keypoint's confidence."""
+    keep = kept_detections(scores, score_threshold, max_detections)
+    found = detections(boxes.reshape(-1, 4)[keep], scores.reshape(-1)[keep], labels.reshape(-1)[keep], geometry,
+                       label_names, -np.inf, len(keep))
+    mapped = keypoints_to_original(points.reshape(-1, len(keypoint_names), 3)[keep], geometry)
+    for item, kps in zip(found, mapped.tolist()):
+        item["keypoints"] = [{"name": n, "x": x, "y": y, "score": c} for n, (x, y, c) in zip(keypoint_names, kps)]
+    return found
+
+
+def encode_rle_window(window: np.ndarray, top: int, left: int, height: int, width: int) -> dict[str, Any]:
+    """COCO RLE of a ``height x width`` image that is zero except for the binary ``window``
+    placed at (``top``, ``left``): the same string :func:`encode_rle` writes for the full
+    array, computed from the window's columns only (an instance's mask on a large image costs
+    its box, not the image)."""
+    from pycocotools import mask as mask_utils
+
+    h, w = window.shape
+    if not window.size:
+        rle = mask_utils.frPyObjects({"size": [height, width], "counts": [height * width]}, height, width)
+        return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+    strip = np.zeros((height, w), np.uint8)  # the window's columns, full height: column-major runs
+    strip[top:top + h] = window
+    flat = strip.reshape(-1, order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat[0]:  # RLE starts with a run of zeros
+        runs.insert(0, 0)
+    runs[0] += left * height
+    trailing = (width - left - w) * height  # the columns after the strip
+    if len(runs) % 2 == 1:  # the strip ends in zeros: they extend that run
+        runs[-1] += trailing
+    elif trailing:
+        runs.append(trailing)
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": runs}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def instance_windows(boxes: np.ndarray, masks: np.ndarray, geometry: Geometry, spec: InputSpec
+                     ) -> list[tuple[np.ndarray, int, int]]:
+    """Each detection's binary mask at original resolution inside its box: (window, top, left).
+
+    ``boxes`` [K, 4] in original pixels, ``masks`` [K, h, w] probabilities over the model input.
+    Each window samples its mask bilinearly (Pillow, the source rectangle mapped through the
+    geometry) and keeps the pixels above 0.5."""
+    out = []
+    k, h, w = masks.shape
+    sx, sy = w / spec.width, h / spec.height  # model-input pixels -> mask cells
+    for box, prob in zip(boxes, masks.astype(np.float32)):
+        x0, y0 = int(np.floor(box[0])), int(np.floor(box[1]))
+        x1 = min(int(np.ceil(box[2])), geometry.orig_width)
+        y1 = min(int(np.ceil(box[3])), geometry.orig_height)
+        if x1 <= x0 or y1 <= y0:
+            out.append((np.zeros((0, 0), bool), y0, x0))
+            continue
+        source = (x0 * geometry.scale_x * sx, y0 * geometry.scale_y * sy, x1 * geometry.scale_x * sx,
+                  y1 * geometry.scale_y * sy)
+        window = np.asarray(Image.fromarray(prob, "F").resize((x1 - x0, y1 - y0), Image.BILINEAR, box=source))
+        out.append((window > 0.5, y0, x0))
+    return out
+
+
+def select_instances(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, masks: np.ndarray,
+                     geometry: Geometry, spec: InputSpec, label_names: list[str], score_threshold: float,
+                     max_detections: int) -> list[tuple[dict[str, Any], tuple[np.ndarray, int, int]]]:
+    """:func:`detections`, each with its mask's window at the original resolution
+    (:func:`instance_windows`): what the answer encodes and a drawing paints."""
+    keep = kept_detections(scores, score_threshold, max_detections)
+    found = detections(boxes.reshape(-1, 4)[keep], scores.reshape(-1)[keep], labels.reshape(-1)[keep], geometry,
+                       label_names, -np.inf, len(keep))
+    k = masks.shape[-3]
+    windows = instance_windows(np.array([d["box"] for d in found], np.float64).reshape(-1, 4),
+                               masks.reshape(k, *masks.shape[-2:])[keep], geometry, spec)
+    return list(zip(found, windows))
+
+
+def instance_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, masks: np.ndarray,
+                        geometry: Geometry, spec: InputSpec, label_names: list[str], score_threshold: float,
+                        max_detections: int, mask_format: str) -> list[dict[str, Any]]:
+    """:func:`detections`, each with its own mask at the original image size: ``area`` (pixels)
+    and, by ``mask_format``, ``rle`` (COCO RLE of the whole image), ``polygons`` (COCO polygons
+    in original pixels) or ``mask_png`` (a base64 PNG of the mask inside ``mask_box``, the
+    integer [x1, y1, x2, y2] window it covers: 255 = the object)."""
+    found = []
+    for item, (window, top, left) in select_instances(boxes, scores, labels, masks, geometry, spec, label_names,
+                                                      score_threshold, max_detections):
+        found.append(item)
+        item["area"] = int(window.sum())
+        if mask_format == "rle":
+            item["rle"] = encode_rle_window(window, top, left, geometry.orig_height, geometry.orig_width)
+        elif mask_format == "polygon":
+            item["polygons"] = [[v + (left if i % 2 == 0 else top) for i, v in enumerate(poly)]
+                                for poly in encode_polygons(window)] if window.size else []
+        else:
+            item["mask_box"] = [left, top, left + window.shape[1], top + window.shape[0]]
+            item["mask_png"] = _png_base64(window.astype(np.uint8) * 255) if window.size else ""
+    return found
 
 
 def class_map(masks: np.ndarray, kind: str, geometry: Geometry) -> np.ndarray:

@@ -139,6 +139,7 @@ class _ClassificationScorer:
 # curve complete. Used by training-time validation and export.evaluate alike.
 EVAL_SCORE_THRESHOLD = 0.001
 EVAL_MAX_DETECTIONS = 100
+EVAL_MAX_POSES = 20  # COCOeval's keypoint protocol: maxDets 20
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,127 @@ class _DetectionScorer:
         from core.metrics import coco_detection_metrics
 
         return coco_detection_metrics(self.dataset.coco, self.detections, self.image_ids)
+
+
+# --- instance segmentation -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InstanceSegmentation(Task):
+    """Detection with a mask per object (COCO RLE at the image size by default); scored by
+    COCO's mask AP (pycocotools' ``segm``)."""
+
+    def result(self, outputs: Outputs, geometry: Geometry, contract: ModelContract,
+               options: Mapping[str, Any]) -> dict[str, Any]:
+        from core import postprocess
+
+        o = contract.outputs
+        return {"detections": postprocess.instance_detections(
+            outputs[o.boxes], outputs[o.scores], outputs[o.labels], outputs[o.masks], geometry, contract.input,
+            contract.labels, options["score_threshold"], options["max_detections"], options["mask_format"])}
+
+    def read_dataset(self, root: Path, verify: bool = True) -> CocoDetection:
+        from core.datasets import CocoDetection
+
+        return CocoDetection(root, verify=verify)
+
+    def scorer(self, contract: ModelContract, dataset: CocoDetection) -> Scorer:
+        return _MaskScorer(self, contract, dataset)
+
+
+def coco_mask_results(image_id: int, category_id: int, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An instances answer's detections (``mask_format=rle``) as COCO results for pycocotools."""
+    return [{"image_id": image_id, "category_id": category_id, "score": d["score"], "segmentation": d["rle"],
+             "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]]}
+            for d in found]
+
+
+class _MaskScorer:
+    """COCO mask AP of the instances the service would return (score >= 0.001, top 100)."""
+
+    def __init__(self, task: InstanceSegmentation, contract: ModelContract, dataset: CocoDetection) -> None:
+        self.task, self.contract, self.dataset = task, contract, dataset
+        self.category_of = dict(zip(dataset.classes, dataset.category_ids))
+        self.options = {"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS,
+                        "mask_format": "rle"}
+        self.results: list[dict[str, Any]] = []
+        self.image_ids: list[int] = []
+
+    def add(self, sample: Sample, outputs: Outputs, geometry: Geometry) -> None:
+        image_id = sample.target.image_id
+        self.image_ids.append(image_id)
+        for d in self.task.result(outputs, geometry, self.contract, self.options)["detections"]:
+            category = self.category_of.get(d["label"])
+            if category is not None:
+                self.results += coco_mask_results(image_id, category, [d])
+
+    def compute(self) -> dict[str, Any]:
+        from core.metrics import coco_mask_metrics
+
+        return coco_mask_metrics(self.dataset.coco, self.results, self.image_ids)
+
+
+# --- keypoints ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Keypoints(Task):
+    """Detection with named keypoints per object (the contract's ``keypoints``: names,
+    skeleton, OKS sigmas); scored by COCO's keypoint AP (object keypoint similarity)."""
+
+    def result(self, outputs: Outputs, geometry: Geometry, contract: ModelContract,
+               options: Mapping[str, Any]) -> dict[str, Any]:
+        from core import postprocess
+
+        o, names = contract.outputs, contract.keypoints.names  # type: ignore[union-attr]
+        return {"detections": postprocess.pose_detections(outputs[o.boxes], outputs[o.scores], outputs[o.labels],
+                                                          outputs[o.keypoints], geometry, contract.labels, names,
+                                                          options["score_threshold"], options["max_detections"])}
+
+    def read_dataset(self, root: Path, verify: bool = True) -> CocoDetection:
+        from core.datasets import CocoDetection
+
+        data = CocoDetection(root, verify=verify)
+        if not data.keypoint_names:
+            raise DatasetError(f"{data.annotations_file}: no category lists 'keypoints': not a keypoint data set")
+        return data
+
+    def scorer(self, contract: ModelContract, dataset: CocoDetection) -> Scorer:
+        if contract.keypoints is None or dataset.keypoint_names != contract.keypoints.names:
+            raise DatasetError(f"{dataset.annotations_file}: keypoints {dataset.keypoint_names} differ from the "
+                               f"model's {contract.keypoints.names if contract.keypoints else None}")
+        return _KeypointScorer(self, contract, dataset)
+
+
+def coco_keypoint_results(image_id: int, category_id: int, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A keypoints answer's detections as COCO results (pycocotools' loadRes): keypoints
+    [x, y, v] per keypoint in original pixels, v the keypoint's score (COCOeval ignores it)."""
+    return [{"image_id": image_id, "category_id": category_id, "score": d["score"],
+             "keypoints": [v for k in d["keypoints"] for v in (k["x"], k["y"], k["score"])]} for d in found]
+
+
+class _KeypointScorer:
+    """COCO keypoint AP of the detections the service would return (score >= 0.001, top 20:
+    COCOeval's keypoint protocol keeps at most 20 per image)."""
+
+    def __init__(self, task: Keypoints, contract: ModelContract, dataset: CocoDetection) -> None:
+        self.task, self.contract, self.dataset = task, contract, dataset
+        self.category_of = dict(zip(dataset.classes, dataset.category_ids))
+        self.options = {"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_POSES}
+        self.results: list[dict[str, Any]] = []
+        self.image_ids: list[int] = []
+
+    def add(self, sample: Sample, outputs: Outputs, geometry: Geometry) -> None:
+        image_id = sample.target.image_id
+        self.image_ids.append(image_id)
+        for d in self.task.result(outputs, geometry, self.contract, self.options)["detections"]:
+            category = self.category_of.get(d["label"])
+            if category is not None:
+                self.results += coco_keypoint_results(image_id, category, [d])
+
+    def compute(self) -> dict[str, Any]:
+        from core.metrics import coco_keypoint_metrics
+
+        return coco_keypoint_metrics(self.dataset.coco, self.results, self.image_ids,
+                                     self.contract.keypoints.sigmas)  # type: ignore[union-attr]
 
 
 # --- segmentation ------------------------------------------------------------------------
@@ -242,4 +364,9 @@ TASKS: dict[str, Task] = {t.name: t for t in (
               default_resize="letterbox", defaults={"score_threshold": 0.3, "max_detections": 100}),
     Segmentation(name="segmentation", layout=LAYOUTS["segmentation"], result_key="classes", metric="miou",
                  default_resize="stretch", defaults={"mask_format": "rle"}),
+    InstanceSegmentation(name="instance_segmentation", layout=LAYOUTS["instance_segmentation"],
+                         result_key="detections", metric="mask_ap_50", default_resize="letterbox",
+                         defaults={"score_threshold": 0.3, "max_detections": 100, "mask_format": "rle"}),
+    Keypoints(name="keypoints", layout=LAYOUTS["keypoints"], result_key="detections", metric="oks_ap_50",
+              default_resize="letterbox", defaults={"score_threshold": 0.3, "max_detections": 100}),
 )}

@@ -24,6 +24,12 @@ normalisation, other weights: tests/export perturbs the weights) moves outputs b
   score within the bound), both ways. Not 100%: a CenterNet peak is "equal to its 3x3
   maximum", and rounding on a plateau may move a peak by one cell; detections within 1e-3
   of either runtime's K-th score are not compared (ties fall either side of the top-K cut).
+- instance_segmentation: the detections as above; the masks of twin detections within the
+  bound on >= 99.9% of their cells (a cell on the edge of a box that moved by rounding may
+  fall either side of the crop).
+- keypoints: the detections as above; the keypoints of twin detections within 0.05 input
+  pixels (and the confidence within the bound) on >= 99% of keypoints: a keypoint moves to
+  the nearest peak of its heatmap, and two peaks at equal distance may go either way.
 """
 
 from __future__ import annotations
@@ -133,10 +139,79 @@ def _compare_detections(contract: ModelContract, torch_out: list[Outputs], ort_o
     return {"sorted_score_max_diff": score_diff, "unmatched_detections": missing, "detections_compared": compared}
 
 
+KEYPOINT_ATOL = 0.05  # input pixels: float32 coordinates of a few hundred pixels round at ~1e-4
+
+
+def check_keypoints_agree(contract: ModelContract, torch_out: list[Outputs], ort_out: list[Outputs]) -> dict[str, Any]:
+    """Detections as for detection; then each twin's keypoints (same label, IoU >= 0.99):
+    x and y within KEYPOINT_ATOL pixels and confidence within the bound on >= 99% of them
+    (a keypoint refined to the nearer of two equidistant heatmap peaks may go either way)."""
+    report = _compare_detections(contract, torch_out, ort_out)
+    o = contract.outputs
+    compared = off = 0
+    for t_img, o_img in zip(torch_out, ort_out):
+        t_scores, g_scores = t_img[o.scores].reshape(-1), o_img[o.scores].reshape(-1)
+        t_boxes, g_boxes = t_img[o.boxes].reshape(-1, 4), o_img[o.boxes].reshape(-1, 4)
+        p = t_img[o.keypoints].shape[-2]
+        t_kp, g_kp = t_img[o.keypoints].reshape(-1, p, 3), o_img[o.keypoints].reshape(-1, p, 3)
+        rows = np.flatnonzero(t_scores >= 0.05)
+        if not len(rows) or not len(g_scores):
+            continue
+        iou = _box_iou(t_boxes[rows], g_boxes)
+        same = (iou >= 0.99) & (t_img[o.labels].reshape(-1)[rows][:, None] == o_img[o.labels].reshape(-1)[None, :])
+        for r, twins in zip(rows, same):
+            if not twins.any():
+                continue  # no twin: counted by the detection comparison
+            g = int(np.argmax(np.where(twins, iou[list(rows).index(r)], -1)))
+            a, b = t_kp[r], g_kp[g]
+            bad = ((np.abs(a[:, :2] - b[:, :2]) > KEYPOINT_ATOL).any(axis=1)
+                   | (np.abs(a[:, 2] - b[:, 2]) > _tolerance(a[:, 2])))
+            compared += p
+            off += int(bad.sum())
+    if off > 0.01 * compared:
+        raise ParityError(f"{off} of {compared} keypoints of twin detections differ by more than {KEYPOINT_ATOL} px "
+                          f"or the confidence bound between PyTorch and ONNX")
+    return {**report, "keypoints_compared": compared, "keypoints_differing": off}
+
+
+def check_masks_agree(contract: ModelContract, torch_out: list[Outputs], ort_out: list[Outputs]) -> dict[str, Any]:
+    """Detections as for detection; then each twin's mask (same label, IoU >= 0.99): its
+    probabilities within the bound on >= 99.9% of cells (a cell on a box's edge may fall
+    either side of YOLACT's crop when the box moves by rounding)."""
+    report = _compare_detections(contract, torch_out, ort_out)
+    o = contract.outputs
+    compared = off = 0
+    worst = 0.0
+    for t_img, o_img in zip(torch_out, ort_out):
+        t_scores = t_img[o.scores].reshape(-1)
+        t_boxes, g_boxes = t_img[o.boxes].reshape(-1, 4), o_img[o.boxes].reshape(-1, 4)
+        rows = np.flatnonzero(t_scores >= 0.05)
+        if not len(rows) or not len(g_boxes):
+            continue
+        iou = _box_iou(t_boxes[rows], g_boxes)
+        same = (iou >= 0.99) & (t_img[o.labels].reshape(-1)[rows][:, None] == o_img[o.labels].reshape(-1)[None, :])
+        t_masks = t_img[o.masks].reshape(-1, *t_img[o.masks].shape[-2:])
+        g_masks = o_img[o.masks].reshape(-1, *o_img[o.masks].shape[-2:])
+        for i, r in enumerate(rows):
+            if not same[i].any():
+                continue  # no twin: counted by the detection comparison
+            g = int(np.argmax(np.where(same[i], iou[i], -1)))
+            diff = np.abs(t_masks[r] - g_masks[g])
+            off += int((diff > _tolerance(t_masks[r])).sum())
+            compared += diff.size
+            worst = max(worst, float(diff.max()))
+    if off > 0.001 * compared:
+        raise ParityError(f"{off} of {compared} mask cells of twin detections differ beyond the bound "
+                          f"(up to {worst:.3g}) between PyTorch and ONNX")
+    return {**report, "mask_cells_compared": compared, "mask_cells_differing": off, "mask_max_diff": worst}
+
+
 COMPARE: dict[str, Callable[[ModelContract, list[Outputs], list[Outputs]], dict[str, Any]]] = {
     "classification": _compare_dense,
     "segmentation": functools.partial(_compare_dense, need=0.999),
     "detection": _compare_detections,
+    "keypoints": check_keypoints_agree,
+    "instance_segmentation": check_masks_agree,
 }
 
 

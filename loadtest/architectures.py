@@ -28,7 +28,18 @@ import numpy as np
 
 from core.runtime import OnnxModel
 
-CLASSES = {"classification": 1000, "segmentation": 21, "detection": 80}  # ImageNet / VOC / COCO sized heads
+CLASSES = {"classification": 1000, "segmentation": 21, "detection": 80, "keypoints": 1}  # ImageNet/VOC/COCO heads
+
+
+def _coco_person() -> Any:
+    """COCO's 17 person keypoints (pycocotools' sigmas): what a keypoint head is sized for here."""
+    from core.contract import KeypointSpec
+    from core.datasets import COCO_KEYPOINT_SIGMAS
+
+    return KeypointSpec(list(COCO_KEYPOINT_SIGMAS), [], list(COCO_KEYPOINT_SIGMAS.values()))
+
+
+KEYPOINTS = {"keypoints": _coco_person}  # the keypoint spec each keypoint task's heads are sized for
 
 
 def measure(task: str, arch: str, size: int | None, threads: int, repeats: int, seconds: float,
@@ -41,7 +52,7 @@ def measure(task: str, arch: str, size: int | None, threads: int, repeats: int, 
 
     size = size or default_size(arch)
     classes = [f"c{i}" for i in range(CLASSES[task])]
-    model = build_model(task, arch, len(classes)).eval()
+    model = build_model(task, arch, len(classes), keypoints=KEYPOINTS[task]() if task in KEYPOINTS else None).eval()
     if extras:
         model.with_extras(model.extras)  # every optional output the architecture has (classifiers: embedding, cam)
     contract = graph_contract(model, task, classes, size)

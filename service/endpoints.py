@@ -4,8 +4,8 @@ An :class:`Endpoint` is what HTTP adds to a task (core.tasks): its path, a summa
 API documentation, the request options with their ranges and OpenAPI schemas, which models
 it serves (a task, plus the outputs it needs), whether its result is heavy enough to leave
 the event loop, and how one image's outputs become its JSON answer. One endpoint per task
-(``/classify``, ``/detect``, ``/segment``) answers with the task's own result; ``/embed``
-answers classification models that carry an embedding output.
+(``/classify``, ``/detect``, ``/segment``, ``/instances``, ``/keypoints``) answers with the task's own
+result; ``/embed`` answers classification models that carry an embedding output.
 
 Plain data, like core.tasks: reading the table (the routes, BentoML's supervisor) loads no
 array stack.
@@ -172,6 +172,23 @@ ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (
               "boxes.", heavy=True,
               options=(_option("segmentation", "mask_format", str, "rle: COCO RLE per class; polygon: COCO polygons; "
                                "png: one base64 class-index PNG", choices=MASK_FORMATS),)),
+    _endpoint("instances", "instance_segmentation", "Objects with their own masks: per object a box [x1, y1, x2, "
+              "y2], label and score as /detect gives them, its pixel area and its mask at the original image size "
+              "(COCO RLE by default), best object first; touching objects of one class come back apart.",
+              heavy=True,
+              options=(_option("instance_segmentation", "score_threshold", float, "drop objects scoring below this",
+                               0.0, 1.0),
+                       _option("instance_segmentation", "max_detections", int,
+                               "keep at most this many objects, best first", 1, 1000),
+                       _option("instance_segmentation", "mask_format", str, "rle: COCO RLE of the whole image per "
+                               "object; polygon: COCO polygons; png: a base64 PNG of the mask inside mask_box",
+                               choices=MASK_FORMATS))),
+    _endpoint("keypoints", "keypoints", "Objects with their named keypoints: per object a box [x1, y1, x2, y2], label "
+              "and score as /detect gives them, and one {name, x, y, score} per keypoint of the model's skeleton "
+              "(x, y in original image pixels; score the keypoint's confidence), best object first.",
+              options=(_option("keypoints", "score_threshold", float, "drop objects scoring below this", 0.0, 1.0),
+                       _option("keypoints", "max_detections", int, "keep at most this many objects, best first",
+                               1, 1000))),
     _endpoint("embed", "classification", "The image's embedding: a classifier's penultimate features, "
               "L2-normalised (cosine similarity = dot product).", result=embedding_result, result_key="embedding",
               requires=("embedding",), drawable=False,

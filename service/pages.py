@@ -30,11 +30,12 @@ from service.errors import send_response
 INDEX = Path(__file__).resolve().parent / "static" / "index.html"
 HEADED_PATHS = frozenset({"/", "/docs.json"})
 HEADED_PREFIXES = ("/playground", "/static_content/")  # the playground's files; the Swagger UI's
-DESCRIPTION = """Classification, detection and segmentation CNNs on ONNX Runtime (CPU or CUDA).
+DESCRIPTION = """Classification, detection, segmentation and keypoint CNNs on ONNX Runtime (CPU or CUDA).
 
-- **Task endpoints**: `POST /classify`, `/detect`, `/segment`, `/embed` take an image (multipart field `image`, or
-  the image as the body) and answer labels, boxes in original pixels, masks (COCO RLE, polygons or a PNG) or an
-  L2-normalised embedding; `render=png` (or `Accept: image/png`) answers the annotated image instead.
+- **Task endpoints**: `POST /classify`, `/detect`, `/segment`, `/keypoints`, `/embed` take an image (multipart
+  field `image`, or the image as the body) and answer labels, boxes in original pixels, masks (COCO RLE, polygons
+  or a PNG), boxes with named keypoints, or an L2-normalised embedding; `render=png` (or `Accept: image/png`)
+  answers the annotated image instead.
 - **Open Inference Protocol v2** under `/v2` for tritonclient and KServe clients: encoded images as a BYTES tensor,
   or the model's UINT8 tensor; JSON or binary tensor data.
 - `GET /models` lists every model with its contract; `/playground` tries them in the browser.

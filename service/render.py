@@ -7,7 +7,11 @@ class map it encodes), so a rendered image and the JSON for the same request agr
 - classification: the top labels with their scores in a box at the top left; with
   ``cam=true``, the best label's class activation map blended over the image;
 - detection: each box outlined in its label's colour, with the label and score above it;
-- segmentation: each class's pixels blended in its label's colour, with a legend.
+- segmentation: each class's pixels blended in its label's colour, with a legend;
+- instance segmentation: each object's mask blended in a colour of its own (by rank: touching
+  objects of one class stay apart), its box outlined in that colour, label and score above;
+- keypoints: each object's box and label as for detection, its skeleton's edges as lines and
+  its keypoints as dots (those scoring at least KEYPOINT_DRAW_SCORE; the playground the same).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ FORMATS = {"png": "image/png", "jpeg": "image/jpeg"}
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 MASK_ALPHA = 0.5
+KEYPOINT_DRAW_SCORE = 0.3  # keypoints less certain than this are in the answer but not drawn
 # Larger images are drawn reduced to at most this many pixels (by a whole factor, box-filtered):
 # the annotated copy, its blends and the encoded answer grow with the canvas, and a 100 MP
 # render with cam=true took 8 s and 2.3 GB at full size.
@@ -121,6 +126,54 @@ def draw_detection(canvas: Image.Image, outputs: Outputs, geometry: Geometry, co
     return canvas
 
 
+def draw_keypoints(canvas: Image.Image, outputs: Outputs, geometry: Geometry, contract: ModelContract,
+                   options: Mapping[str, Any]) -> Image.Image:
+    """Each object's box and label, then its skeleton: edges between, and dots on, the keypoints
+    scoring at least KEYPOINT_DRAW_SCORE; the best object is drawn last, on top."""
+    found = TASKS["keypoints"].result(outputs, geometry, contract, options)["detections"]
+    edges = contract.keypoints.skeleton if contract.keypoints else []
+    draw, font, width = _style(canvas)
+    radius = max(2, width + 1)
+    for d in sorted(found, key=lambda d: d["score"]):
+        c = colour(d["label_id"])
+        draw.rectangle(d["box"], outline=c, width=max(1, width // 2))
+        _label(draw, (d["box"][0], d["box"][1]), f"{d['label']} {d['score']:.2f}", c, font)
+        points = d["keypoints"]
+        shown = [p["score"] >= KEYPOINT_DRAW_SCORE for p in points]
+        for a, b in edges:
+            if shown[a] and shown[b]:
+                draw.line([(points[a]["x"], points[a]["y"]), (points[b]["x"], points[b]["y"])], fill=c, width=width)
+        for p, on in zip(points, shown):
+            if on:
+                draw.ellipse([p["x"] - radius, p["y"] - radius, p["x"] + radius, p["y"] + radius], fill=(255, 255, 255),
+                             outline=c, width=max(1, width // 2))
+    return canvas
+
+
+def draw_instances(canvas: Image.Image, outputs: Outputs, geometry: Geometry, contract: ModelContract,
+                   options: Mapping[str, Any]) -> Image.Image:
+    """Each object's mask (the windows the answer encodes) in the colour of its rank, its box
+    and label; the best object last, on top."""
+    o = contract.outputs
+    found = postprocess.select_instances(outputs[o.boxes], outputs[o.scores], outputs[o.labels], outputs[o.masks],
+                                         geometry, contract.input, contract.labels, options["score_threshold"],
+                                         options["max_detections"])
+    rgb = np.asarray(canvas).copy()
+    for rank in reversed(range(len(found))):
+        window, top, left = found[rank][1]
+        if window.any():
+            region = rgb[top:top + window.shape[0], left:left + window.shape[1]]
+            region[window] = np.round(region[window] * (1 - MASK_ALPHA)
+                                      + np.array(colour(rank), np.float32) * MASK_ALPHA).astype(np.uint8)
+    canvas = Image.fromarray(rgb, "RGB")
+    draw, font, width = _style(canvas)
+    for rank in reversed(range(len(found))):
+        d = found[rank][0]
+        draw.rectangle(d["box"], outline=colour(rank), width=max(1, width // 2))
+        _label(draw, (d["box"][0], d["box"][1]), f"{d['label']} {d['score']:.2f}", colour(rank), font)
+    return canvas
+
+
 def draw_segmentation(canvas: Image.Image, outputs: Outputs, geometry: Geometry, contract: ModelContract,
                       options: Mapping[str, Any]) -> Image.Image:
     """The class map the answer encodes (label 0, background, left clear) and a legend."""
@@ -136,7 +189,8 @@ def draw_segmentation(canvas: Image.Image, outputs: Outputs, geometry: Geometry,
 
 
 DRAWERS: dict[str, Drawer] = {"classification": draw_classification, "detection": draw_detection,
-                              "segmentation": draw_segmentation}
+                              "segmentation": draw_segmentation, "keypoints": draw_keypoints,
+                              "instance_segmentation": draw_instances}
 
 
 def _legend(draw: ImageDraw.ImageDraw, lines: list[tuple[str, int]], font: Any) -> None:

@@ -23,6 +23,7 @@ without a name the first model (by name) that can serve the endpoint.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -200,6 +201,7 @@ class ServedModel:
                       "color": c.input.color, "resize": c.input.resize, "dtype": c.input.dtype,
                       "layout": c.input.layout},
             "outputs": {k: v for k, v in (("embedding", c.outputs.embedding), ("cam", c.outputs.cam)) if v},
+            **({"keypoints": dataclasses.asdict(c.keypoints)} if c.keypoints else {}),
             "batch": {"dynamic": c.batch.dynamic, "size": c.batch.size, "max_batch": self.batcher.max_batch,
                       "target_ms": round(self.batcher.target_s * 1e3, 1) if self.batcher.target_s else None,
                       "limit_now": self.batcher.batch_limit()},

@@ -52,6 +52,29 @@ class Detection(BaseModel):
     score: float
 
 
+class Instance(Detection):
+    area: int = Field(description="the object's pixels in the original image")
+    rle: dict[str, Any] | None = Field(None, description="COCO RLE {size: [h, w], counts} of the object's mask at "
+                                       "the original image size (mask_format=rle)")
+    polygons: list[list[float]] | None = Field(None, description="COCO polygons in original pixels "
+                                               "(mask_format=polygon)")
+    mask_png: str | None = Field(None, description="base64 PNG of the mask inside mask_box, 255 = the object "
+                                 "(mask_format=png)")
+    mask_box: list[int] | None = Field(None, description="[x1, y1, x2, y2]: the window mask_png covers")
+
+
+class Keypoint(BaseModel):
+    name: str = Field(description="the keypoint's name (the model's keypoints.names, in that order)")
+    x: float = Field(description="original image pixels")
+    y: float = Field(description="original image pixels")
+    score: float = Field(description="confidence that the keypoint is visible there, 0..1")
+
+
+class PoseDetection(Detection):
+    keypoints: list[Keypoint] = Field(description="one per keypoint of the model's skeleton, in its order; COCO "
+                                      "results: keypoints [x, y, score, ...] with the object's score")
+
+
 class Segment(BaseModel):
     label: str
     label_id: int
@@ -69,6 +92,16 @@ class ClassifyResult(BaseModel):
 class DetectResult(BaseModel):
     image: ImageInfo
     detections: list[Detection]
+
+
+class InstancesResult(BaseModel):
+    image: ImageInfo
+    detections: list[Instance]
+
+
+class KeypointsResult(BaseModel):
+    image: ImageInfo
+    detections: list[PoseDetection]
 
 
 class SegmentResult(BaseModel):
@@ -106,6 +139,16 @@ class DetectResponse(DetectResult):
     timing: Timing
 
 
+class InstancesResponse(InstancesResult):
+    model: ModelRef
+    timing: Timing
+
+
+class KeypointsResponse(KeypointsResult):
+    model: ModelRef
+    timing: Timing
+
+
 class SegmentResponse(SegmentResult):
     model: ModelRef
     timing: Timing
@@ -125,6 +168,18 @@ class DetectBatchResponse(BaseModel):
     results: list[DetectResult]
 
 
+class InstancesBatchResponse(BaseModel):
+    model: ModelRef
+    timing: Timing
+    results: list[InstancesResult]
+
+
+class KeypointsBatchResponse(BaseModel):
+    model: ModelRef
+    timing: Timing
+    results: list[KeypointsResult]
+
+
 class SegmentBatchResponse(BaseModel):
     model: ModelRef
     timing: Timing
@@ -135,6 +190,8 @@ RESPONSES: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {  # by endpoint
     "classify": (ClassifyResponse, ClassifyBatchResponse),
     "detect": (DetectResponse, DetectBatchResponse),
     "segment": (SegmentResponse, SegmentBatchResponse),
+    "keypoints": (KeypointsResponse, KeypointsBatchResponse),
+    "instances": (InstancesResponse, InstancesBatchResponse),
     "embed": (EmbedResponse, EmbedBatchResponse),
 }
 
@@ -168,6 +225,12 @@ class ModelPlacement(BaseModel):
     reason: str = Field(description="what was measured, or the setting that chose it")
 
 
+class KeypointSchema(BaseModel):
+    names: list[str] = Field(description="the keypoints, in the order every answer lists them")
+    skeleton: list[list[int]] = Field(description="edges to draw: pairs of 0-based indices into names")
+    sigmas: list[float] = Field(description="COCO OKS sigma per keypoint (pycocotools' kpt_oks_sigmas)")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -179,6 +242,7 @@ class ModelInfo(BaseModel):
     labels: list[str]
     input: ModelInput
     outputs: dict[str, str] = Field(description="optional outputs the model carries: embedding, cam")
+    keypoints: KeypointSchema | None = Field(None, description="keypoint models: what their keypoints are")
     batch: ModelBatch
     placement: ModelPlacement
     providers: list[str] = Field(description="the ONNX Runtime execution providers it really runs on")

@@ -103,7 +103,7 @@ IMAGE = bentoml.images.Image(base_image="python:3.11-slim", distro=bentoml_patch
 )
 @bentoml.asgi_app(app, path="/")
 class ConvServe:
-    """Classification, detection and segmentation on ONNX Runtime; see README.md."""
+    """Classification, detection, segmentation and keypoints on ONNX Runtime; see README.md."""
 
     @bentoml.on_deployment
     def check_start_up() -> None:

@@ -7,7 +7,11 @@ service.app routes ``/v2...`` here. Per model:
   task results as tensors: ``detection_boxes`` FP32 [N, K, 4] (original pixels, xyxy),
   ``detection_scores`` FP32 [N, K], ``detection_classes`` INT64 [N, K], ``num_detections``
   INT32 [N]; ``class_map`` UINT8 [N, H, W] (original size; 255 pads images smaller than the
-  largest of the request). Classification results come through the classification
+  largest of the request); for keypoint models the detection tensors and ``detection_keypoints`` FP32
+  [N, K, P, 3] (x, y in original pixels, confidence; P the contract's keypoints.names); for
+  instance segmentation models the detection tensors and ``detection_masks`` BYTES [N, K]
+  (each object's mask as a JSON COCO RLE of the whole image).
+  Classification results come through the classification
   extension: ``{"name": "logits", "parameters": {"classification": k}}`` answers BYTES
   [N, k] strings ``score:index:label``, with the scores /classify reports (softmax).
 - **inputs**: one tensor named like the model's input, either BYTES of shape [N] (encoded
@@ -43,7 +47,7 @@ from core import postprocess
 from core.contract import ModelContract
 from core.errors import ImageTooLarge, InvalidImage
 from core.geometry import Geometry
-from core.tasks import Outputs
+from core.tasks import TASKS, Outputs
 from service.endpoints import TASK_ENDPOINTS
 from service.errors import V2Error
 
@@ -93,6 +97,35 @@ def detection_tensors(outputs: list[Outputs], geometries: list[Geometry], contra
             "num_detections": count}
 
 
+def keypoint_tensors(outputs: list[Outputs], geometries: list[Geometry], contract: ModelContract,
+                     options: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The detection tensors of the objects /keypoints answers, and their keypoints [N, K, P, 3]
+    (original pixels, confidence), zero where an image has fewer objects than K."""
+    o, p = contract.outputs, len(contract.keypoints.names)  # type: ignore[union-attr]
+    tensors = detection_tensors(outputs, geometries, contract, options)
+    n, k = tensors["detection_scores"].shape
+    points = np.zeros((n, k, p, 3), np.float32)
+    for i, (out, g) in enumerate(zip(outputs, geometries)):
+        keep = postprocess.kept_detections(out[o.scores], options["score_threshold"], options["max_detections"])
+        points[i, :len(keep)] = postprocess.keypoints_to_original(out[o.keypoints].reshape(-1, p, 3)[keep], g)
+    return {**tensors, "detection_keypoints": points}
+
+
+def instance_tensors(outputs: list[Outputs], geometries: list[Geometry], contract: ModelContract,
+                     options: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The detection tensors of the objects /instances answers, and their masks as BYTES [N, K]:
+    each a JSON COCO RLE of the whole image, ``{"size": [h, w], "counts": ...}`` (b"" pads)."""
+    tensors = detection_tensors(outputs, geometries, contract, options)
+    n, k = tensors["detection_scores"].shape
+    masks = np.full((n, k), b"", dtype=object)
+    task = TASKS[contract.task]
+    for i, (out, g) in enumerate(zip(outputs, geometries)):
+        found = task.result(out, g, contract, {**options, "mask_format": "rle"})[task.result_key]
+        for j, d in enumerate(found):
+            masks[i, j] = json.dumps(d["rle"], separators=(",", ":")).encode()
+    return {**tensors, "detection_masks": masks}
+
+
 def class_map_tensors(outputs: list[Outputs], geometries: list[Geometry], contract: ModelContract,
                       options: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Each image's class map at its original size, padded with CLASS_MAP_PAD to the largest."""
@@ -106,11 +139,15 @@ def class_map_tensors(outputs: list[Outputs], geometries: list[Geometry], contra
 
 
 # By task name. Classification results come through the classification extension instead.
+_DETECTION_OUTPUTS = {"detection_boxes": ("FP32", [-1, -1, 4]), "detection_scores": ("FP32", [-1, -1]),
+                      "detection_classes": ("INT64", [-1, -1]), "num_detections": ("INT32", [-1])}
 TASK_TENSORS: dict[str, TaskTensors] = {
     "classification": TaskTensors({}, lambda *_: {}),
-    "detection": TaskTensors({"detection_boxes": ("FP32", [-1, -1, 4]), "detection_scores": ("FP32", [-1, -1]),
-                              "detection_classes": ("INT64", [-1, -1]), "num_detections": ("INT32", [-1])},
-                             detection_tensors),
+    "detection": TaskTensors(_DETECTION_OUTPUTS, detection_tensors),
+    "instance_segmentation": TaskTensors({**_DETECTION_OUTPUTS, "detection_masks": ("BYTES", [-1, -1])},
+                                         instance_tensors),
+    "keypoints": TaskTensors({**_DETECTION_OUTPUTS, "detection_keypoints": ("FP32", [-1, -1, -1, 3])},
+                             keypoint_tensors),
     "segmentation": TaskTensors({"class_map": ("UINT8", [-1, -1, -1])}, class_map_tensors),
 }
 

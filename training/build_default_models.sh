@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Regenerate the shipped default models in models/ from scratch (synthetic data, fixed seeds).
 # CPU: about 1.5 hours on 2 cores; CUDA: a few minutes. Usage: bash training/build_default_models.sh [STAGE...]
-# Stages: data classifier segmenter detector (default: all, in that order).
+# Stages: data classifier segmenter detector keypoints (default: all, in that order).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
-stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(data classifier segmenter detector)
+stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(data classifier segmenter detector keypoints)
 for stage in "${stages[@]}"; do
   case $stage in
     data)
@@ -15,7 +15,9 @@ for stage in "${stages[@]}"; do
       python -m training.synthetic segmentation   --out "$DATA/seg/train" --count 2000 --seed 1
       python -m training.synthetic segmentation   --out "$DATA/seg/val"   --count 300  --seed 2
       python -m training.synthetic detection      --out "$DATA/det/train" --count 3000 --seed 1
-      python -m training.synthetic detection      --out "$DATA/det/val"   --count 300  --seed 2 ;;
+      python -m training.synthetic detection      --out "$DATA/det/val"   --count 300  --seed 2
+      python -m training.figures --out "$DATA/kp/train" --count 2000 --seed 1
+      python -m training.figures --out "$DATA/kp/val"   --count 200  --seed 2 ;;
     classifier)
       python -m training.train classification --train "$DATA/cls/train" --val "$DATA/cls/val" --out "$RUNS/shapes-classifier" \
         --arch mobilenet_v3_small --width-mult 0.75 --size 128 --epochs 30 --batch-size 32 --lr 3e-3
@@ -33,6 +35,12 @@ for stage in "${stages[@]}"; do
         --arch centernet_mobilenet_v3_small --size 256 --epochs 10 --batch-size 16 --lr 3e-3
       python -m export.onnx_export "$RUNS/shapes-detector/best.pt" --name shapes-detector --version 1 \
         --dataset "synthetic shapes (training.synthetic, seed 1)" --parity-data "$DATA/det/val" ;;
+    keypoints)
+      # CenterNet's pose variant (training/pose.py): keypoint offsets from the centre, refined to keypoint heatmaps
+      python -m training.train keypoints --train "$DATA/kp/train" --val "$DATA/kp/val" --out "$RUNS/figures-keypoints" \
+        --arch centernet_pose_mobilenet_v3_small --size 192 --epochs 16 --batch-size 16 --lr 2e-3
+      python -m export.onnx_export "$RUNS/figures-keypoints/best.pt" --name figures-keypoints --version 1 \
+        --dataset "synthetic stick figures (training.figures, seed 1)" --parity-data "$DATA/kp/val" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from core.contract import COLORS, InputSpec
 from core.datasets import CocoDetection, CocoImage, ImageFolder, SegmentationFolder, keypoint_flip
 from core.errors import DatasetError, ImageTooLarge, InvalidImage
+from core.geometry import Geometry
 from core.imaging import load_input
 from core.tasks import TASKS
 
@@ -109,11 +110,12 @@ class SegmentationDataset(Dataset):
 class CocoDetectionDataset(Dataset):
     """COCO instances: letterboxed images, boxes xyxy in model-input pixels, label indices; for
     a keypoint data set also ``keypoints`` [K, P, 3] in model-input pixels (flips swap left and
-    right)."""
+    right); with ``masks``, each object's mask uint8 [K, H, W] letterboxed like its image."""
 
     def __init__(self, root: Path | str, size: tuple[int, int], augment: bool = False, verify: bool = True,
-                 channels: int = 3) -> None:
+                 channels: int = 3, masks: bool = False) -> None:
         self.data = CocoDetection(root, verify)
+        self.masks = masks
         self.classes, self.samples = self.data.classes, self.data.samples
         self.spec, self.augment = input_spec("detection", *size, channels), augment
         self.flip = keypoint_flip(self.data.keypoint_names)
@@ -126,6 +128,7 @@ class CocoDetectionDataset(Dataset):
         target: CocoImage = sample.target
         _, arr, geometry = _load(sample.image, self.spec)
         boxes = geometry.boxes_to_input(target.boxes)
+        masks = self._masks(target, geometry) if self.masks else None
         keypoints = None
         if target.keypoints is not None:  # a keypoint data set: x, y to input pixels, v as it is
             keypoints = target.keypoints.copy()
@@ -134,6 +137,8 @@ class CocoDetectionDataset(Dataset):
         if self.augment and np.random.random() < 0.5:
             arr = arr[:, ::-1]
             boxes[:, [0, 2]] = self.spec.width - boxes[:, [2, 0]]
+            if masks is not None:
+                masks = masks[:, :, ::-1]
             if keypoints is not None:  # mirrored: x flips, left and right trade places
                 keypoints = keypoints[:, self.flip]
                 keypoints[..., 0] = np.where(keypoints[..., 2] > 0, self.spec.width - keypoints[..., 0], 0.0)
@@ -141,7 +146,18 @@ class CocoDetectionDataset(Dataset):
                "image_id": torch.tensor(target.image_id)}
         if keypoints is not None:
             out["keypoints"] = torch.from_numpy(np.ascontiguousarray(keypoints))
+        if masks is not None:
+            out["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
         return torch.from_numpy(np.array(arr)), out
+
+    def _masks(self, target: CocoImage, geometry: Geometry) -> np.ndarray:
+        """The objects' masks letterboxed like the image: resized (nearest) to the content, padded with 0."""
+        full = self.data.load_masks(target, (geometry.orig_width, geometry.orig_height))
+        out = np.zeros((len(full), self.spec.height, self.spec.width), np.uint8)
+        for i, m in enumerate(full):
+            out[i, :geometry.content_height, :geometry.content_width] = np.asarray(
+                Image.fromarray(m).resize((geometry.content_width, geometry.content_height), Image.NEAREST))
+        return out
 
 
 def detection_collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]

@@ -38,7 +38,8 @@ def graph_contract(model: ConvNet, task: str, classes: list[str], size: int,
     inp = InputSpec(name=INPUT_NAME, height=size, width=size, resize=resize, channels=channels or 3,
                     color=COLORS[channels or 3])
     batch = BatchSpec(dynamic=True) if fixed_batch is None else BatchSpec(dynamic=False, size=fixed_batch)
-    contract = ModelContract(task=task, labels=labels, input=inp, outputs=model.output_spec, batch=batch)
+    contract = ModelContract(task=task, labels=labels, input=inp, outputs=model.output_spec, batch=batch,
+                             keypoints=model.keypoint_spec)
     contract.validate()
     return contract
 

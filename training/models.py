@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.contract import OutputSpec
+from core.contract import NEEDS_KEYPOINTS, KeypointSpec, OutputSpec
 from training import checkpoints, classifiers, segmenters
 from training.centernet import CenterNetDetector
 from training.convnet import ConvNet, Normalize, under_any
-from training.tv_detection import TorchvisionDetector
+from training.instances import CenterNetInstances
+from training.pose import CenterNetPose
+from training.tv_detection import TorchvisionDetector, TorchvisionInstanceDetector, TorchvisionKeypointDetector
 
 __all__ = ["ConvNet", "Normalize", "ARCHITECTURES", "build_model", "load_checkpoint", "load_weights"]
 
@@ -133,24 +135,57 @@ def _centernet(backbone: str) -> Callable[[str, int, float, int], ConvNet]:
     return build
 
 
+def _centernet_pose(backbone: str) -> Callable[..., ConvNet]:
+    """The builder of CenterNet's pose variant (training.pose) on ``backbone``."""
+    def build(arch: str, num_classes: int, width_mult: float, channels: int, keypoints: KeypointSpec) -> ConvNet:
+        return CenterNetPose(num_classes, keypoints, backbone=backbone, width_mult=width_mult)
+    return build
+
+
+def _centernet_instances(backbone: str) -> Callable[..., ConvNet]:
+    """The builder of CenterNet with YOLACT's masks (training.instances) on ``backbone``."""
+    def build(arch: str, num_classes: int, width_mult: float, channels: int) -> ConvNet:
+        return CenterNetInstances(num_classes, backbone=backbone, width_mult=width_mult)
+    return build
+
+
+def _mask_rcnn(arch: str, num_classes: int, width_mult: float, channels: int) -> ConvNet:
+    return TorchvisionInstanceDetector(arch, num_classes)
+
+
+def _keypoint_rcnn(arch: str, num_classes: int, width_mult: float, channels: int, keypoints: KeypointSpec) -> ConvNet:
+    return TorchvisionKeypointDetector(arch, num_classes, keypoints)
+
+
 def _torchvision_detector(arch: str, num_classes: int, width_mult: float, channels: int) -> ConvNet:
 
     return TorchvisionDetector(arch, num_classes)
 
 
-ARCHITECTURES: dict[str, dict[str, Callable[[str, int, float, int], ConvNet]]] = {
+# Builders take (arch, classes, width_mult, channels); a keypoint model's also keypoints= (its KeypointSpec).
+ARCHITECTURES: dict[str, dict[str, Callable[..., ConvNet]]] = {
     "classification": {a: _classifier for a in classifiers.CLASSIFIERS},
     "segmentation": {a: _segmenter for a in segmenters.SEGMENTERS},
     "detection": {"centernet_mobilenet_v3_small": _centernet("mobilenet_v3_small"),
                   "centernet_mobilenet_v3_large": _centernet("mobilenet_v3_large"),
                   "ssdlite320_mobilenet_v3_large": _torchvision_detector,
                   "fasterrcnn_mobilenet_v3_large_320_fpn": _torchvision_detector},
+    "instance_segmentation": {"centernet_yolact_mobilenet_v3_small": _centernet_instances("mobilenet_v3_small"),
+                              "centernet_yolact_mobilenet_v3_large": _centernet_instances("mobilenet_v3_large"),
+                              "maskrcnn_mobilenet_v3_large_320_fpn": _mask_rcnn},
+    "keypoints": {"centernet_pose_mobilenet_v3_small": _centernet_pose("mobilenet_v3_small"),
+                  "centernet_pose_mobilenet_v3_large": _centernet_pose("mobilenet_v3_large"),
+                  "keypointrcnn_mobilenet_v3_large_320_fpn": _keypoint_rcnn},
 }
 DEFAULT_ARCH = {"classification": "mobilenet_v3_small", "segmentation": "fpn_mobilenet_v3_large",
-                "detection": "centernet_mobilenet_v3_small"}
+                "detection": "centernet_mobilenet_v3_small", "keypoints": "centernet_pose_mobilenet_v3_small",
+                "instance_segmentation": "centernet_yolact_mobilenet_v3_small"}
 # Input side (pixels, square) each architecture was designed for; --size overrides it.
 DEFAULT_SIZE = {"lenet5": 32, "ssdlite320_mobilenet_v3_large": 320, "fasterrcnn_mobilenet_v3_large_320_fpn": 320,
-                "centernet_mobilenet_v3_small": 256, "centernet_mobilenet_v3_large": 256}
+                "keypointrcnn_mobilenet_v3_large_320_fpn": 320, "maskrcnn_mobilenet_v3_large_320_fpn": 320,
+                "centernet_yolact_mobilenet_v3_small": 256, "centernet_yolact_mobilenet_v3_large": 256,
+                "centernet_mobilenet_v3_small": 256, "centernet_mobilenet_v3_large": 256,
+                "centernet_pose_mobilenet_v3_small": 256, "centernet_pose_mobilenet_v3_large": 256}
 
 
 def default_size(arch: str) -> int:
@@ -208,8 +243,10 @@ def load_weights(model: ConvNet, path: Path | str) -> list[str]:
 
 
 def build_model(task: str, arch: str, num_classes: int, width_mult: float = 1.0,
-                weights: Path | str | None = None, channels: int = 3, freeze: str | None = None) -> ConvNet:
-    """Build ``arch`` for ``task`` as a :class:`ConvNet` taking ``channels`` (3 or 1) channels.
+                weights: Path | str | None = None, channels: int = 3, freeze: str | None = None,
+                keypoints: KeypointSpec | None = None) -> ConvNet:
+    """Build ``arch`` for ``task`` as a :class:`ConvNet` taking ``channels`` (3 or 1) channels;
+    a keypoint model needs its ``keypoints`` (names, skeleton, sigmas: from the data).
 
     ``weights``: a local state-dict file to start from (:func:`load_weights`); ``freeze``
     "backbone": train only the layers sized by the class count (feature extraction).
@@ -221,7 +258,9 @@ def build_model(task: str, arch: str, num_classes: int, width_mult: float = 1.0,
         raise ValueError(f"unknown architecture {arch!r} for {task}; known: {known}") from None
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    model = builder(arch, num_classes, width_mult, channels)
+    if (task in NEEDS_KEYPOINTS) != (keypoints is not None):
+        raise ValueError(f"a {task} model {'needs' if task in NEEDS_KEYPOINTS else 'takes no'} keypoint names")
+    model = builder(arch, num_classes, width_mult, channels, **({"keypoints": keypoints} if keypoints else {}))
     # torchvision's MobileNetV3 sets BatchNorm momentum 0.01, tuned for ImageNet-length runs;
     # on small datasets the running statistics then lag the weights for many epochs and
     # evaluation-mode outputs are garbage. 0.1 (PyTorch's default) tracks them in time.
@@ -247,7 +286,8 @@ def load_checkpoint(path: Path, extras: list[str] | tuple[str, ...] = ()
     ``extras``: extra graph outputs to export (ConvNet.with_extras)."""
     ck = checkpoints.read(path)
     cfg = ck["config"]
+    spec = KeypointSpec(**cfg["keypoints"]) if cfg.get("keypoints") else None
     model = build_model(cfg["task"], cfg["arch"], len(cfg["classes"]), cfg.get("width_mult", 1.0),
-                        channels=cfg.get("channels") or 3)
+                        channels=cfg.get("channels") or 3, keypoints=spec)
     model.load_state_dict(ck["model"])
     return model.with_extras(extras).eval(), cfg, ck.get("metrics", {})

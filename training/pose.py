@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.contract import KeypointSpec, OutputSpec
 from training.centernet import CenterNet, _conv_bn_relu, centernet_loss, centre_cells, focal_loss
+from training.convnet import ConvNet, Normalize
 
 SNAP_SCORE = 0.1  # a keypoint heatmap peak weaker than this never moves a regressed keypoint
 
@@ -138,3 +140,41 @@ def pose_loss(outputs: tuple[torch.Tensor, ...], targets: list[dict[str, torch.T
     heat_l1 = (F.l1_loss(kp_heat_offset, heat_off, reduction="none") * heat_mask).sum() / heat_mask.sum().clamp(min=1)
     return (centernet_loss((heat_logits, log_size, offset), targets, num_classes, stride) + kp_l1 + 0.5 * vis_bce
             + focal_loss(kp_heat, heat) + heat_l1)
+
+
+class CenterNetPose(ConvNet):
+    """A PoseCenterNet behind the ConvNet interface: uint8 NHWC in; batchable export of boxes,
+    scores, labels and keypoints. ``keypoints`` (names, skeleton, OKS sigmas) comes from the
+    training data and goes into the exported contract."""
+
+    output_spec = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels", keypoints="keypoints",
+                             max_detections=20, nms_in_graph=True)
+
+    def __init__(self, num_classes: int, keypoints: KeypointSpec, backbone: str = "mobilenet_v3_small",
+                 width_mult: float = 1.0) -> None:
+        super().__init__()
+        self.keypoint_spec = keypoints
+        self.normalize = Normalize()
+        self.core = PoseCenterNet(num_classes, len(keypoints.names), backbone, width_mult,
+                                  max_detections=self.output_spec.max_detections or 20)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The raw maps (PoseCenterNet.forward) for uint8 images."""
+        return self.core(self.normalize(x))
+
+    def loss(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        return pose_loss(self(images), targets, self.core.num_classes, self.core.num_keypoints, self.core.stride)
+
+    def export_module(self) -> nn.Module:
+        return CenterNetPoseExport(self)
+
+
+class CenterNetPoseExport(nn.Module):
+    """uint8 NHWC in; boxes [N,K,4], scores [N,K], labels [N,K], keypoints [N,K,P,3] out."""
+
+    def __init__(self, model: CenterNetPose) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.core.decode_pose(*self.model(x))

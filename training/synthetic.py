@@ -239,7 +239,7 @@ WRITERS = {
     "segmentation": write_segmentation,
     "instance_segmentation": write_instances,
 }
-# Posed figures with keypoints: training.figures (python -m training.figures).
+# Posed figures with keypoints: training.figures (python -m training.figures), which draws on this module.
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Train a classifier, segmenter or detector on a dataset directory.
+"""Train a classifier, segmenter, detector or keypoint model on a dataset directory.
 
 Usage (see README "Train on your own data")::
 
@@ -7,9 +7,9 @@ Usage (see README "Train on your own data")::
 
 Laid out like torchvision's references: :func:`train_one_epoch`, :func:`evaluate` and
 :func:`train`, which runs them and writes ``<out>/last.pt`` every epoch and
-``<out>/best.pt`` when the task's validation metric (core.tasks: top-1, mIoU or COCO
-mAP@.5) improves. Validation scores the module that export.onnx_export turns into the
-graph, with core.evaluation, so the metrics stored in a checkpoint are those
+``<out>/best.pt`` when the task's validation metric (core.tasks: top-1, mIoU, COCO mAP@.5
+or keypoint OKS AP@.5) improves. Validation scores the module that export.onnx_export turns
+into the graph, with core.evaluation, so the metrics stored in a checkpoint are those
 ``export.evaluate`` reports for its ONNX file. training.checkpoints writes and reads the
 checkpoints; ``--resume`` continues from ``<out>/last.pt``. What each task trains on is one
 entry of :data:`TASK_DATA`.
@@ -18,6 +18,7 @@ entry of :data:`TASK_DATA`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -32,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from core.contract import NEEDS_KEYPOINTS, KeypointSpec
 from core.errors import DatasetError
 from core.evaluation import evaluate as evaluate_predictions
 from core.tasks import TASKS
@@ -53,7 +55,7 @@ class TaskData:
     """What a task trains on: its dataset class (``(root, size, augment=, channels=)``, with
     ``classes``) and how a batch is put together (None: PyTorch's default stacking)."""
 
-    dataset: type[Dataset]
+    dataset: Callable[..., Dataset]
     collate: Callable[[list[Any]], Any] | None = None
 
 
@@ -61,6 +63,9 @@ TASK_DATA: dict[str, TaskData] = {
     "classification": TaskData(ImageFolderDataset),
     "segmentation": TaskData(SegmentationDataset),
     "detection": TaskData(CocoDetectionDataset, detection_collate),  # images stacked, targets a list
+    "keypoints": TaskData(CocoDetectionDataset, detection_collate),  # targets also hold keypoints [K, P, 3]
+    # targets also hold each object's mask [K, H, W]
+    "instance_segmentation": TaskData(functools.partial(CocoDetectionDataset, masks=True), detection_collate),
 }
 
 
@@ -84,6 +89,7 @@ class TrainConfig:
     weights: str | None = None
     max_steps: int | None = None      # stop early after this many optimiser steps (tests, smoke runs)
     classes: list[str] = field(default_factory=list)
+    keypoints: dict[str, Any] | None = None  # keypoint tasks: the data's KeypointSpec (names, skeleton, sigmas)
 
 
 def seed_everything(seed: int) -> None:
@@ -109,7 +115,19 @@ def make_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
     val_ds = dataset(cfg.val, size, channels=cfg.channels or 3)
     if val_ds.classes != train_ds.classes:
         raise DatasetError(f"{cfg.val}: classes {val_ds.classes} differ from the training set's {train_ds.classes}")
+    if cfg.task in NEEDS_KEYPOINTS:
+        names = (train_ds.data.keypoint_names, val_ds.data.keypoint_names)
+        if not names[0]:
+            raise DatasetError(f"{cfg.train}: no category lists 'keypoints': not a keypoint data set")
+        if names[1] != names[0]:
+            raise DatasetError(f"{cfg.val}: keypoints {names[1]} differ from the training set's {names[0]}")
     return train_ds, val_ds
+
+
+def keypoint_spec(dataset: Any) -> KeypointSpec:
+    """The keypoint names, skeleton and OKS sigmas of a keypoint training set (into the contract)."""
+    data = dataset.data
+    return KeypointSpec(list(data.keypoint_names), [list(e) for e in data.skeleton], list(data.sigmas))
 
 
 def to_device(targets: Any, device: torch.device) -> Any:
@@ -158,12 +176,14 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> dict[str, Any]:
         cfg.channels = data_channels(cfg.task, cfg.train)
     train_ds, _ = make_datasets(cfg)
     cfg.classes = list(train_ds.classes)
+    if cfg.task in NEEDS_KEYPOINTS:
+        cfg.keypoints = asdict(keypoint_spec(train_ds))
     train_dl = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers,
                           collate_fn=TASK_DATA[cfg.task].collate, generator=torch.Generator().manual_seed(cfg.seed),
                           drop_last=len(train_ds) > cfg.batch_size, persistent_workers=cfg.workers > 0,
                           worker_init_fn=seed_worker)
     model = build_model(cfg.task, cfg.arch, len(cfg.classes), cfg.width_mult, cfg.weights, cfg.channels,
-                        cfg.freeze).to(device)
+                        cfg.freeze, KeypointSpec(**cfg.keypoints) if cfg.keypoints else None).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * len(train_dl)

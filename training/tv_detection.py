@@ -1,4 +1,4 @@
-"""torchvision's own detectors (SSDlite, Faster R-CNN) behind the ConvNet interface.
+"""torchvision's own detectors (SSDlite, Faster R-CNN, Mask R-CNN, Keypoint R-CNN) behind the ConvNet interface.
 
 They normalise and resize inside the model (their GeneralizedRCNNTransform), so they take
 uint8 NHWC directly. Label 0 is background (torchvision's convention): dataset labels are
@@ -12,17 +12,55 @@ Export limitation, by torchvision's design: the graph takes exactly one image pe
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision.models import detection as tvd
+from torchvision.models import mobilenet_v3_large
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 
-from core.contract import OutputSpec
+from core.contract import KeypointSpec, OutputSpec
 from training.convnet import ConvNet
 
 BUILDERS = {
     "ssdlite320_mobilenet_v3_large": tvd.ssdlite320_mobilenet_v3_large,
     "fasterrcnn_mobilenet_v3_large_320_fpn": tvd.fasterrcnn_mobilenet_v3_large_320_fpn,
 }
+
+# torchvision's settings for fasterrcnn_mobilenet_v3_large_320_fpn (its low-resolution
+# MobileNetV3-Large FPN), which torchvision publishes for Faster R-CNN only: Keypoint R-CNN
+# is built here on the same backbone, anchors and proposal counts (keypointrcnn_resnet50_fpn,
+# torchvision's own, is 59 M parameters: minutes a step on a CPU).
+_MOBILE_320 = {"min_size": 320, "max_size": 320, "rpn_pre_nms_top_n_test": 150, "rpn_post_nms_top_n_test": 150,
+               "rpn_score_thresh": 0.05}
+
+
+def _mobilenet_320_fpn() -> tuple[nn.Module, AnchorGenerator]:
+    """torchvision's MobileNetV3-Large FPN backbone (random init, every layer trainable) and its anchors."""
+    backbone = _mobilenet_extractor(mobilenet_v3_large(weights=None, norm_layer=nn.BatchNorm2d), True, 6)
+    sizes = ((32, 64, 128, 256, 512),) * 3
+    return backbone, AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+
+
+def maskrcnn_mobilenet_v3_large_320_fpn(num_classes: int) -> tvd.MaskRCNN:
+    """Mask R-CNN (He et al. 2017) on torchvision's 320-pixel MobileNetV3-Large FPN."""
+    backbone, anchors = _mobilenet_320_fpn()
+    return tvd.MaskRCNN(backbone, num_classes, rpn_anchor_generator=anchors, **_MOBILE_320)
+
+
+def keypointrcnn_mobilenet_v3_large_320_fpn(num_classes: int, num_keypoints: int) -> tvd.KeypointRCNN:
+    """Keypoint R-CNN (He et al. 2017) on torchvision's 320-pixel MobileNetV3-Large FPN, with a
+    lighter keypoint head than torchvision's: 4 convolutions of 256 channels instead of 8 of
+    512 (16x fewer multiply-adds per object: the published head made a 147 MB file that took
+    seconds an image on 2 cores), and at most 20 objects an image (COCO's keypoint protocol)."""
+    backbone, anchors = _mobilenet_320_fpn()
+    head = KeypointRCNNHeads(backbone.out_channels, (256,) * 4)
+    return tvd.KeypointRCNN(backbone, num_classes, rpn_anchor_generator=anchors, keypoint_head=head,
+                            keypoint_predictor=KeypointRCNNPredictor(256, num_keypoints), box_detections_per_img=20,
+                            **_MOBILE_320)
 
 
 class TorchvisionDetector(ConvNet):
@@ -61,3 +99,67 @@ class TorchvisionDetectorExport(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.detector.core(TorchvisionDetector._images(x))[0]
         return out["boxes"], out["scores"], out["labels"]
+
+
+class TorchvisionKeypointDetector(TorchvisionDetector):
+    """Keypoint R-CNN: boxes, scores and labels as the detectors, plus keypoints [K, P, 3]
+    (x, y in input pixels; the confidence: the sigmoid of torchvision's keypoint heatmap score)."""
+
+    output_spec = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels", keypoints="keypoints",
+                             nms_in_graph=True)
+
+    def __init__(self, arch: str, num_classes: int, keypoints: KeypointSpec) -> None:
+        ConvNet.__init__(self)
+        self.keypoint_spec = keypoints
+        self.core = keypointrcnn_mobilenet_v3_large_320_fpn(num_classes + 1, len(keypoints.names))
+
+    def loss(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        shifted = [{"boxes": t["boxes"], "labels": t["labels"] + 1, "keypoints": t["keypoints"]} for t in targets]
+        return sum(self.core(self._images(images), shifted).values())
+
+    def export_module(self) -> nn.Module:
+        return TorchvisionKeypointExport(self)
+
+
+class TorchvisionKeypointExport(nn.Module):
+    """[1, H, W, 3] uint8 -> boxes [K, 4], scores [K], labels [K], keypoints [K, P, 3]."""
+
+    def __init__(self, detector: TorchvisionKeypointDetector) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
+        out = self.detector.core(TorchvisionDetector._images(x))[0]
+        points = torch.cat([out["keypoints"][..., :2], torch.sigmoid(out["keypoints_scores"]).unsqueeze(-1)], -1)
+        return out["boxes"], out["scores"], out["labels"], points
+
+
+class TorchvisionInstanceDetector(TorchvisionDetector):
+    """Mask R-CNN: boxes, scores and labels as the detectors, plus masks [K, H, W]: each object's
+    mask probability pasted into the model input (torchvision's paste_masks_in_image)."""
+
+    output_spec = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels", masks="masks",
+                             nms_in_graph=True)
+
+    def __init__(self, arch: str, num_classes: int) -> None:
+        ConvNet.__init__(self)
+        self.core = maskrcnn_mobilenet_v3_large_320_fpn(num_classes + 1)
+
+    def loss(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        shifted = [{"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in targets]
+        return sum(self.core(self._images(images), shifted).values())
+
+    def export_module(self) -> nn.Module:
+        return TorchvisionInstanceExport(self)
+
+
+class TorchvisionInstanceExport(nn.Module):
+    """[1, H, W, 3] uint8 -> boxes [K, 4], scores [K], labels [K], masks [K, H, W]."""
+
+    def __init__(self, detector: TorchvisionInstanceDetector) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
+        out = self.detector.core(TorchvisionDetector._images(x))[0]
+        return out["boxes"], out["scores"], out["labels"], out["masks"][:, 0]

@@ -125,3 +125,39 @@ def test_fixed_batch_against_the_graph() -> None:
         check_io(fixed(4), [("images", "tensor(uint8)", [2, 32, 32, 3])], [("logits", "", [2, 2])])
     with pytest.raises(ContractError, match="^outputs.scores: output 'logits' has rank 1"):
         check_io(fixed(4), [("images", "tensor(uint8)", [4, 32, 32, 3])], [("logits", "", [2])])
+
+
+def _keypoint_doc(**keypoints: object) -> dict:
+    spec = {"names": ["head", "left_hand", "right_hand"], "skeleton": [[0, 1], [0, 2]], "sigmas": [0.03, 0.06, 0.06]}
+    return _doc(task="keypoints", labels=["figure"], keypoints={**spec, **keypoints},
+                outputs={"kind": "boxes", "boxes": "b", "scores": "s", "labels": "l", "keypoints": "k"})
+
+
+def test_a_keypoint_contract_carries_names_skeleton_and_sigmas() -> None:
+    c = ModelContract.from_dict(_keypoint_doc())
+    assert c.keypoints is not None and c.keypoints.skeleton == [[0, 1], [0, 2]]
+    assert ModelContract.from_json(c.to_json()) == c
+    assert "keypoints" not in json.loads(ModelContract.from_dict(_doc()).to_json())  # other tasks' documents unchanged
+    graph_in = [("images", "tensor(uint8)", ["n", 32, 32, 3])]
+    out = [("b", "", ["n", 20, 4]), ("s", "", ["n", 20]), ("l", "", ["n", 20])]
+    check_io(c, graph_in, [*out, ("k", "", ["n", 20, 3, 3])])
+    with pytest.raises(ContractError, match=r"^outputs.keypoints: output 'k' has shape .*must be \[3, 3\]"):
+        check_io(c, graph_in, [*out, ("k", "", ["n", 20, 17, 3])])
+
+
+@pytest.mark.parametrize("doc,message", [
+    (_keypoint_doc(skeleton=[[0, 3]]), r"keypoints.skeleton\[0\]: must be two indices in 0..2"),
+    (_keypoint_doc(skeleton=[[0]]), r"keypoints.skeleton\[0\]: must be two indices"),
+    (_keypoint_doc(sigmas=[0.1]), r"keypoints.sigmas: must hold one positive number per keypoint \(3\)"),
+    (_keypoint_doc(sigmas=[0.1, 0.0, 0.1]), "keypoints.sigmas"),
+    (_keypoint_doc(names=["a", "a", "b"]), "keypoints.names: empty or duplicate"),
+    (_keypoint_doc(names=[]), "keypoints.names: must list at least one"),
+    (_keypoint_doc(skeleton=[["a", 1]]), r"keypoints.skeleton\[0\]\[0\]: expected an integer"),
+    ({**_keypoint_doc(), "keypoints": None}, "keypoints: required for keypoints"),
+    ({**_keypoint_doc(), "outputs": {"kind": "boxes", "boxes": "b", "scores": "s", "labels": "l"}},
+     "outputs.keypoints: required for keypoints"),
+    ({**_doc(), "keypoints": _keypoint_doc()["keypoints"]}, "keypoints: not part of a classification model's"),
+])
+def test_keypoint_contract_errors_are_named(doc, message) -> None:
+    with pytest.raises(ContractError, match=f"^{message}"):
+        ModelContract.from_dict(doc)

@@ -1,6 +1,6 @@
 """Every architecture of training.models, exported, is served with no code changes: classic
 classifiers with embeddings and class activation maps, a greyscale LeNet-5, FCN and DeepLabV3
-segmenters, and Faster R-CNN (one image per graph call) through the real server."""
+segmenters, Faster R-CNN (one image per graph call) and both keypoint models through the real server."""
 
 from __future__ import annotations
 
@@ -112,3 +112,30 @@ def test_faster_rcnn_over_v2_answers_task_tensors_for_several_images(arch_server
     assert {"detection_boxes", "num_detections"} <= names
     assert result.as_numpy("num_detections").shape == (3,)
     assert result.as_numpy("detection_boxes").shape[:1] == (3,)
+
+
+@pytest.mark.parametrize("arch", [a for t, a, *_ in ARCHS if t == "keypoints"])
+def test_keypoint_models_answer_what_onnx_runtime_computes(arch_server, tiny_arch_repo, arch) -> None:
+    """CenterNet's pose variant (a batch per graph call) and Keypoint R-CNN (one image per call)
+    answer three images in one request with ONNX Runtime's objects and keypoints."""
+    from core.tasks import TASKS
+    from training.figures import render_figures
+
+    images = [jpeg(render_figures(np.random.default_rng(i), 200, 160, 2, 0)[0]) for i in range(3)]
+    model = OnnxModel.load(tiny_arch_repo["repo"] / _name(arch) / "1" / "model.onnx", arch, "1", "cpu", 1)
+    options = {"score_threshold": 0.0, "max_detections": 5}
+    body = multipart_body([("image", f"{i}.jpg", data) for i, data in enumerate(images)]
+                          + [("model", None, _name(arch).encode()), ("score_threshold", None, b"0"),
+                             ("max_detections", None, b"5")])
+    status, _, answer = request(arch_server.url, "POST", "/keypoints", body, MULTIPART)
+    assert status == 200, answer
+    for data, result in zip(images, answer["results"]):
+        _, arr, geometry = load_input(data, model.contract.input)
+        (outputs,) = model.infer(arr[None])
+        want = TASKS["keypoints"].result(outputs, geometry, model.contract, options)["detections"]
+        assert len(result["detections"]) == len(want) > 0
+        for got, exp in zip(result["detections"], want):
+            assert got["box"] == pytest.approx(exp["box"], abs=0.02) and got["label"] == exp["label"]
+            assert [k["name"] for k in got["keypoints"]] == model.contract.keypoints.names
+            np.testing.assert_allclose([(k["x"], k["y"]) for k in got["keypoints"]],
+                                       [(k["x"], k["y"]) for k in exp["keypoints"]], atol=0.02)

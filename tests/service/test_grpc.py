@@ -26,12 +26,15 @@ from tests.support.servers import SHIPPED_MODELS, Server, start_server, stop_ser
 
 pytestmark = pytest.mark.slow
 KEY = "grpc-test-key-0123456789"
-MODELS = {"classification": "shapes-classifier", "detection": "shapes-detector", "segmentation": "shapes-segmenter"}
+MODELS = {"classification": "shapes-classifier", "detection": "shapes-detector", "segmentation": "shapes-segmenter",
+          "keypoints": "figures-keypoints"}
+_DETECTIONS = [("detection_boxes", None), ("detection_scores", None), ("detection_classes", None),
+               ("num_detections", None)]
 TASK_OUTPUTS = {
     "classification": [("logits", 3)],
-    "detection": [("detection_boxes", None), ("detection_scores", None), ("detection_classes", None),
-                  ("num_detections", None)],
+    "detection": _DETECTIONS,
     "segmentation": [("class_map", None)],
+    "keypoints": [*_DETECTIONS, ("detection_keypoints", None)],
 }
 
 

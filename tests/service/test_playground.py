@@ -122,6 +122,41 @@ def test_masks_are_overlaid_with_a_legend(page, tmp_path) -> None:
     assert np.abs(pixels[fg] - want).mean() < 6 and np.abs(pixels[~fg] - plain[~fg]).mean() < 3
 
 
+def test_keypoints_are_drawn_as_a_skeleton(page, tmp_path) -> None:
+    """Each drawn keypoint is a white dot; each skeleton edge between two drawn keypoints is a
+    line in the object's colour (sampled at its middle, away from the dots)."""
+    from training.figures import render_figures
+
+    img, _ = render_figures(np.random.default_rng(5), 320, 256, 1, 0)
+    path = tmp_path / "figure.png"
+    img.save(path)
+    page.select_option("#model", "figures-keypoints:1")
+    _upload(page, path)
+    answer = page.evaluate("window.lastAnswer")
+    assert page.text_content("#status").startswith(f"Done: {len(answer['detections'])} detection(s)")
+    skeleton = page.evaluate("models.find((m) => m.name === 'figures-keypoints').keypoints.skeleton")
+    pixels = _canvas(page)
+    d = answer["detections"][0]
+    drawn = [k for k in d["keypoints"] if k["score"] >= 0.3]  # KEYPOINT_DRAW_SCORE
+    assert len(drawn) >= 8
+    for k in drawn:
+        assert (pixels[round(k["y"]), round(k["x"])] >= 235).all(), k
+    kps = d["keypoints"]
+    edges = [(kps[a], kps[b]) for a, b in skeleton if kps[a]["score"] >= 0.3 and kps[b]["score"] >= 0.3
+             and np.hypot(kps[a]["x"] - kps[b]["x"], kps[a]["y"] - kps[b]["y"]) > 16]
+    assert edges
+    plain = np.asarray(img.convert("RGB")).astype(int)
+
+    def near_colour(image: np.ndarray, x: float, y: float) -> bool:  # a 2-px anti-aliased line: 2 px around
+        patch = image[round(y) - 2:round(y) + 3, round(x) - 2:round(x) + 3].reshape(-1, 3)
+        return bool((np.abs(patch - np.array(colour(d["label_id"]))).sum(axis=1) < 60).any())
+
+    middles = [((a["x"] + b["x"]) / 2, (a["y"] + b["y"]) / 2) for a, b in edges]
+    middles = [m for m in middles if not near_colour(plain, *m)]  # the figure itself is not that colour there
+    hits = [near_colour(pixels, *m) for m in middles]
+    assert middles and np.mean(hits) > 0.8, hits
+
+
 def test_labels_for_a_classifier(page, tmp_path) -> None:
     path = tmp_path / "one.jpg"
     path.write_bytes(jpeg(scene(502, 200, 160, shapes=1).image))

@@ -21,4 +21,6 @@ ARCHS = [
     ("segmentation", "fcn_resnet50", "seg", 64, 1.0, ()),
     ("segmentation", "deeplabv3_resnet50", "seg", 64, 1.0, ()),
     ("detection", "fasterrcnn_mobilenet_v3_large_320_fpn", "det", 128, 1.0, ()),
+    ("keypoints", "centernet_pose_mobilenet_v3_large", "kp", 64, 0.5, ()),
+    ("keypoints", "keypointrcnn_mobilenet_v3_large_320_fpn", "kp", 128, 1.0, ()),
 ]

@@ -1,6 +1,7 @@
 """The batchable keypoint detector (training.pose) on synthetic figures: keypoint targets at
-the object's centre cell, a few training steps that lower the loss, and a graph with a
-dynamic batch that ONNX Runtime runs as PyTorch does. (Not yet a task the service serves.)"""
+the object's centre cell, a few training steps that lower the loss, a graph with a dynamic
+batch that ONNX Runtime runs as PyTorch does, and the whole path of a keypoints model:
+training.train, export.onnx_export with its parity check and contract."""
 
 from __future__ import annotations
 
@@ -129,3 +130,39 @@ def test_a_few_steps_lower_the_loss_and_the_graph_exports_with_a_dynamic_batch(f
     for name in names:
         np.testing.assert_allclose(got[name][:, :5], want[name][:, :5], rtol=1e-3, atol=1e-3, err_msg=name)
     assert (got["keypoints"][..., 2] <= got["scores"][..., None] + 1e-6).all()  # confidence <= the object's score
+
+
+def test_training_and_export_write_a_keypoint_contract_with_parity(figures: Path, tmp_path: Path) -> None:
+    from core.onnx_contract import read_contract
+    from export.onnx_export import export
+    from training.figures import SIGMAS, SKELETON
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(task="keypoints", train=str(figures), val=str(figures), arch="centernet_pose_mobilenet_v3_small",
+                      size=SIZE, width_mult=0.5, epochs=1, batch_size=8, workers=0, max_steps=2)
+    metrics = train(cfg, tmp_path / "run")
+    assert {"oks_ap", "oks_ap_50", "oks_ap_75"} <= set(metrics)
+    path, report = export(tmp_path / "run" / "best.pt", "kp", "1", tmp_path / "models", "figures", figures, 8)
+    contract = read_contract(path)
+    assert contract.task == "keypoints" and contract.labels == ["figure"]
+    assert contract.keypoints is not None and contract.keypoints.names == list(KEYPOINTS)
+    assert contract.keypoints.skeleton == [[KEYPOINTS.index(a), KEYPOINTS.index(b)] for a, b in SKELETON]
+    assert contract.keypoints.sigmas == [SIGMAS[n] for n in KEYPOINTS]
+    assert contract.provenance["metrics"]["oks_ap_50"] == metrics["oks_ap_50"]
+    # an untrained heatmap has near-equal peaks, so a rare keypoint may snap apart (export/parity.py allows 1%)
+    assert report["images"] == 8 and report["keypoints_differing"] <= 0.01 * report["keypoints_compared"] > 0
+
+
+def test_parity_refuses_keypoints_that_moved() -> None:
+    """Twin detections whose keypoints differ by a pixel between the runtimes fail the export."""
+    from export.parity import ParityError, check_keypoints_agree
+    from tests.support.models import contract as make_contract
+
+    c = make_contract("keypoints", {"kind": "boxes", "boxes": "b", "scores": "s", "labels": "l", "keypoints": "k"},
+                      labels=("figure",), keypoints={"names": ["a", "b"], "skeleton": [[0, 1]], "sigmas": [0.1, 0.1]})
+    one = {"b": np.array([[0, 0, 8, 8], [2, 2, 6, 6]], np.float32), "s": np.array([0.9, 0.5], np.float32),
+           "l": np.array([0, 0]), "k": np.array([[[1, 1, 0.5], [2, 2, 0.5]], [[3, 3, 0.2], [4, 4, 0.2]]], np.float32)}
+    assert check_keypoints_agree(c, [one], [one])["keypoints_differing"] == 0
+    moved = {**one, "k": one["k"] + np.array([1.0, 0.0, 0.0], np.float32)}
+    with pytest.raises(ParityError, match="4 of 4 keypoints"):
+        check_keypoints_agree(c, [one], [moved])

@@ -6,7 +6,9 @@
 const PALETTE = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
                  [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]];
 const colour = (id, a = 1) => { const [r, g, b] = PALETTE[id % PALETTE.length]; return `rgba(${r},${g},${b},${a})`; };
-const ENDPOINT = {classification: "classify", detection: "detect", segmentation: "segment"};
+const ENDPOINT = {classification: "classify", detection: "detect", segmentation: "segment", keypoints: "keypoints",
+                  instance_segmentation: "instances"};
+const KEYPOINT_DRAW_SCORE = 0.3;  // as service/render.py: less certain keypoints are answered, not drawn
 const $ = (id) => document.getElementById(id);
 const base = new URL("..", window.location.href);  // the service's root, wherever it is mounted
 let models = [];
@@ -30,7 +32,7 @@ function current() { return models.find((m) => `${m.name}:${m.version}` === $("m
 function showOptions() {
   const m = current();
   for (const el of document.querySelectorAll("#options [data-task]")) {
-    el.style.display = m && el.dataset.task === m.task ? "" : "none";
+    el.style.display = m && el.dataset.task.split(" ").includes(m.task) ? "" : "none";
   }
   $("cam-option").style.display = m && m.task === "classification" && m.outputs && m.outputs.cam ? "" : "none";
 }
@@ -64,8 +66,11 @@ function form(model, file) {
   if (model.task === "classification") {
     data.append("top_k", $("top_k").value || "5");
     if ($("cam").checked && model.outputs && model.outputs.cam) data.append("cam", "true");
-  } else if (model.task === "detection") {
+  } else if (model.task === "detection" || model.task === "keypoints") {
     data.append("score_threshold", $("score_threshold").value || "0.3");
+  } else if (model.task === "instance_segmentation") {
+    data.append("score_threshold", $("score_threshold").value || "0.3");
+    data.append("mask_format", "png");  // each mask a PNG of its box's window
   } else if (model.task === "segmentation") {
     data.append("mask_format", "png");
   }
@@ -112,8 +117,10 @@ async function run(file) {
 
 function summary(model, body) {
   if (model.task === "classification") return body.labels.map((l) => `${l.label} ${l.score.toFixed(3)}`).join(", ");
-  if (model.task === "detection") return `${body.detections.length} detection(s): ` +
-    body.detections.map((d) => `${d.label} ${d.score.toFixed(2)}`).join(", ");
+  if (model.task === "detection" || model.task === "keypoints" || model.task === "instance_segmentation") {
+    return `${body.detections.length} detection(s): ` +
+      body.detections.map((d) => `${d.label} ${d.score.toFixed(2)}`).join(", ");
+  }
   return `${body.classes.length} class(es): ` + body.classes.map((c) => `${c.label} (${c.area} px)`).join(", ");
 }
 
@@ -144,7 +151,7 @@ async function draw(model, body, bitmap) {
   if (bitmap) ctx.drawImage(bitmap, 0, 0, w, h);
   const line = Math.max(2, Math.round(Math.min(w, h) / 150));
   const font = Math.max(12, Math.round(Math.min(w, h) / 35));
-  if (model.task === "detection") {
+  if (model.task === "detection" || model.task === "keypoints") {
     ctx.lineWidth = line; ctx.font = `${font}px sans-serif`; ctx.textBaseline = "bottom";
     for (const d of [...body.detections].reverse()) {
       const [x1, y1, x2, y2] = d.box;
@@ -156,7 +163,36 @@ async function draw(model, body, bitmap) {
       ctx.fillRect(x1, Math.max(0, y1 - font - 4), tw, font + 4);
       ctx.fillStyle = "#fff";
       ctx.fillText(text, x1 + 3, Math.max(font + 2, y1 - 1));
+      if (d.keypoints) drawSkeleton(ctx, d, model.keypoints ? model.keypoints.skeleton : [], line);
     }
+  } else if (model.task === "instance_segmentation") {
+    // Each object's mask in a colour of its own (by rank, as service/render.py), box and label on top.
+    const image = ctx.getImageData(0, 0, w, h);
+    for (let rank = body.detections.length - 1; rank >= 0; rank--) {
+      const d = body.detections[rank];
+      const [x1, y1, x2, y2] = d.mask_box, bw = x2 - x1, bh = y2 - y1;
+      if (!d.mask_png || bw <= 0 || bh <= 0) continue;
+      const mask = await greyPixels(d.mask_png, bw, bh);
+      const [r, g, b] = PALETTE[rank % PALETTE.length];
+      for (let y = 0; y < bh; y++) {
+        for (let x = 0; x < bw; x++) {
+          if (mask[4 * (y * bw + x)] < 128) continue;
+          const i = 4 * ((y1 + y) * w + x1 + x);
+          image.data[i] = (image.data[i] + r) / 2;
+          image.data[i + 1] = (image.data[i + 1] + g) / 2;
+          image.data[i + 2] = (image.data[i + 2] + b) / 2;
+        }
+      }
+    }
+    ctx.putImageData(image, 0, 0);
+    ctx.lineWidth = Math.max(1, Math.round(line / 2)); ctx.font = `${font}px sans-serif`; ctx.textBaseline = "bottom";
+    body.detections.forEach((d, rank) => {
+      const [x1, y1, x2, y2] = d.box;
+      ctx.strokeStyle = colour(rank);
+      ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+      ctx.fillStyle = colour(rank);
+      ctx.fillText(`${d.label} ${d.score.toFixed(2)}`, x1 + 2, Math.max(font + 2, y1 - 1));
+    });
   } else if (model.task === "segmentation") {
     const map = await greyPixels(body.mask_png, w, h);
     const image = ctx.getImageData(0, 0, w, h);
@@ -197,6 +233,22 @@ async function draw(model, body, bitmap) {
     });
     if (body.labels.length && body.labels[0].heatmap_png) await overlayHeat(ctx, body.labels[0].heatmap_png, w, h);
   }
+}
+
+// An object's keypoints: the skeleton's edges between, and dots on, those scoring >= KEYPOINT_DRAW_SCORE.
+function drawSkeleton(ctx, d, skeleton, line) {
+  const shown = d.keypoints.map((k) => k.score >= KEYPOINT_DRAW_SCORE);
+  ctx.strokeStyle = colour(d.label_id); ctx.lineWidth = line;
+  for (const [a, b] of skeleton) {
+    if (!shown[a] || !shown[b]) continue;
+    ctx.beginPath(); ctx.moveTo(d.keypoints[a].x, d.keypoints[a].y); ctx.lineTo(d.keypoints[b].x, d.keypoints[b].y);
+    ctx.stroke();
+  }
+  ctx.fillStyle = "#fff";
+  d.keypoints.forEach((k, i) => {
+    if (!shown[i]) return;
+    ctx.beginPath(); ctx.arc(k.x, k.y, line + 1, 0, 2 * Math.PI); ctx.fill(); ctx.stroke();
+  });
 }
 
 async function overlayHeat(ctx, b64, w, h) {
