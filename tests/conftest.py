@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Small train/val sets of every format, written by the synthetic generator."""
     from training.figures import write_keypoints
-    from training.synthetic import write_classification, write_detection, write_segmentation
+    from training.synthetic import write_classification, write_detection, write_instances, write_segmentation
 
     root = tmp_path_factory.mktemp("data")
     write_classification(root / "cls" / "train", 40, seed=11)
@@ -36,6 +36,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_segmentation(root / "seg" / "val", 8, seed=12)
     write_detection(root / "det" / "train", 16, seed=11)
     write_detection(root / "det" / "val", 8, seed=12)
+    write_instances(root / "ins" / "train", 12, seed=11)
+    write_instances(root / "ins" / "val", 4, seed=12)
     write_keypoints(root / "kp" / "train", 12, seed=11)
     write_keypoints(root / "kp" / "val", 4, seed=12)
     return root

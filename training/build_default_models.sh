@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Regenerate the shipped default models in models/ from scratch (synthetic data, fixed seeds).
 # CPU: about 1.5 hours on 2 cores; CUDA: a few minutes. Usage: bash training/build_default_models.sh [STAGE...]
-# Stages: data classifier segmenter detector keypoints (default: all, in that order).
+# Stages: data classifier segmenter detector instances keypoints (default: all, in that order).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
-stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(data classifier segmenter detector keypoints)
+stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(data classifier segmenter detector instances keypoints)
 for stage in "${stages[@]}"; do
   case $stage in
     data)
@@ -16,6 +16,8 @@ for stage in "${stages[@]}"; do
       python -m training.synthetic segmentation   --out "$DATA/seg/val"   --count 300  --seed 2
       python -m training.synthetic detection      --out "$DATA/det/train" --count 3000 --seed 1
       python -m training.synthetic detection      --out "$DATA/det/val"   --count 300  --seed 2
+      python -m training.synthetic instance_segmentation --out "$DATA/ins/train" --count 3000 --seed 1
+      python -m training.synthetic instance_segmentation --out "$DATA/ins/val"   --count 300  --seed 2
       python -m training.figures --out "$DATA/kp/train" --count 2000 --seed 1
       python -m training.figures --out "$DATA/kp/val"   --count 200  --seed 2 ;;
     classifier)
@@ -35,6 +37,18 @@ for stage in "${stages[@]}"; do
         --arch centernet_mobilenet_v3_small --size 256 --epochs 10 --batch-size 16 --lr 3e-3
       python -m export.onnx_export "$RUNS/shapes-detector/best.pt" --name shapes-detector --version 1 \
         --dataset "synthetic shapes (training.synthetic, seed 1)" --parity-data "$DATA/det/val" ;;
+    instances)
+      # CenterNet with YOLACT's mask coefficients over shared prototypes (training/instances.py)
+      python -m training.train instance_segmentation --train "$DATA/ins/train" --val "$DATA/ins/val" \
+        --out "$RUNS/shapes-instances" --arch centernet_yolact_mobilenet_v3_small --size 224 --epochs 12 \
+        --batch-size 16 --lr 3e-3
+      # then 8 more epochs on a second one-cycle at half the peak rate (validation mask AP@.5 0.836 -> 0.864)
+      python -m training.train instance_segmentation --train "$DATA/ins/train" --val "$DATA/ins/val" \
+        --out "$RUNS/shapes-instances" --arch centernet_yolact_mobilenet_v3_small --size 224 --epochs 20 \
+        --batch-size 16 --lr 1.5e-3 --resume
+      python -m export.onnx_export "$RUNS/shapes-instances/best.pt" --name shapes-instances --version 1 \
+        --dataset "synthetic shape crowds (training.synthetic instance_segmentation, seed 1)" \
+        --parity-data "$DATA/ins/val" ;;
     keypoints)
       # CenterNet's pose variant (training/pose.py): keypoint offsets from the centre, refined to keypoint heatmaps
       python -m training.train keypoints --train "$DATA/kp/train" --val "$DATA/kp/val" --out "$RUNS/figures-keypoints" \

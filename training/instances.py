@@ -98,6 +98,9 @@ class CenterNetInstances(ConvNet):
 
     output_spec = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels", masks="masks",
                              max_detections=50, nms_in_graph=True)
+    # A CenterNet detector's checkpoint (--weights) brings the backbone, FPN and box heads; the
+    # class heatmap and the mask branches start fresh (or alone train, with --freeze backbone).
+    last_layers = ("heatmap.", "coef.", "proto.")
 
     def __init__(self, num_classes: int, backbone: str = "mobilenet_v3_small", width_mult: float = 1.0) -> None:
         super().__init__()

@@ -149,6 +149,9 @@ class CenterNetPose(ConvNet):
 
     output_spec = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels", keypoints="keypoints",
                              max_detections=20, nms_in_graph=True)
+    # Sized by the classes or the keypoints: a CenterNet detector's checkpoint (--weights) brings
+    # the backbone, FPN and box heads; these start fresh (or alone train, with --freeze backbone).
+    last_layers = ("heatmap.", "kp_offset.", "kp_visible.", "kp_heat.", "kp_heat_offset.")
 
     def __init__(self, num_classes: int, keypoints: KeypointSpec, backbone: str = "mobilenet_v3_small",
                  width_mult: float = 1.0) -> None:

@@ -1,6 +1,7 @@
 """Every architecture of training.models, exported, is served with no code changes: classic
 classifiers with embeddings and class activation maps, a greyscale LeNet-5, FCN and DeepLabV3
-segmenters, Faster R-CNN (one image per graph call) and both keypoint models through the real server."""
+segmenters, Faster R-CNN (one image per graph call), both instance segmenters and both keypoint models
+through the real server."""
 
 from __future__ import annotations
 
@@ -139,3 +140,27 @@ def test_keypoint_models_answer_what_onnx_runtime_computes(arch_server, tiny_arc
             assert [k["name"] for k in got["keypoints"]] == model.contract.keypoints.names
             np.testing.assert_allclose([(k["x"], k["y"]) for k in got["keypoints"]],
                                        [(k["x"], k["y"]) for k in exp["keypoints"]], atol=0.02)
+
+
+@pytest.mark.parametrize("arch", [a for t, a, *_ in ARCHS if t == "instance_segmentation"])
+def test_instance_models_answer_what_onnx_runtime_computes(arch_server, tiny_arch_repo, arch) -> None:
+    """CenterNet with YOLACT's masks (a batch per graph call) and Mask R-CNN (one image per
+    call) answer three images in one request with ONNX Runtime's objects and masks."""
+    from core.tasks import TASKS
+
+    images = [jpeg(scene(120 + i, 200, 160).image) for i in range(3)]
+    model = OnnxModel.load(tiny_arch_repo["repo"] / _name(arch) / "1" / "model.onnx", arch, "1", "cpu", 1)
+    options = {"score_threshold": 0.0, "max_detections": 5, "mask_format": "rle"}
+    body = multipart_body([("image", f"{i}.jpg", data) for i, data in enumerate(images)]
+                          + [("model", None, _name(arch).encode()), ("score_threshold", None, b"0"),
+                             ("max_detections", None, b"5")])
+    status, _, answer = request(arch_server.url, "POST", "/instances", body, MULTIPART)
+    assert status == 200, answer
+    for data, result in zip(images, answer["results"]):
+        _, arr, geometry = load_input(data, model.contract.input)
+        (outputs,) = model.infer(arr[None])
+        want = TASKS["instance_segmentation"].result(outputs, geometry, model.contract, options)["detections"]
+        assert len(result["detections"]) == len(want) > 0
+        for got, exp in zip(result["detections"], want):
+            assert got["box"] == pytest.approx(exp["box"], abs=0.02) and got["label"] == exp["label"]
+            assert got["rle"]["size"] == [160, 200] and abs(got["area"] - exp["area"]) <= 0.01 * exp["area"] + 2

@@ -14,7 +14,7 @@ BY_ENDPOINT = {e.name: e for e in TASK_ENDPOINTS.values()}
 
 
 def test_every_task_has_an_endpoint_a_metric_and_options() -> None:
-    assert set(BY_ENDPOINT) == {"classify", "detect", "segment", "keypoints"}
+    assert set(BY_ENDPOINT) == {"classify", "detect", "segment", "instances", "keypoints"}
     for name, task in TASKS.items():
         endpoint = TASK_ENDPOINTS[name]
         assert endpoint.task is task and task.name == name
@@ -30,6 +30,8 @@ def test_every_task_has_an_endpoint_a_metric_and_options() -> None:
      {"model": "", "score_threshold": 0.0, "max_detections": 1000}),
     ("segment", {"mask_format": "polygon"}, {"model": "", "mask_format": "polygon"}),
     ("keypoints", {"score_threshold": "0.5"}, {"model": "", "score_threshold": 0.5, "max_detections": 100}),
+    ("instances", {"mask_format": "png"}, {"model": "", "score_threshold": 0.3, "max_detections": 100,
+                                           "mask_format": "png"}),
 ])
 def test_options_parse(endpoint, raw, want) -> None:
     assert BY_ENDPOINT[endpoint].parse_options(raw) == want

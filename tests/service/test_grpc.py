@@ -27,7 +27,7 @@ from tests.support.servers import SHIPPED_MODELS, Server, start_server, stop_ser
 pytestmark = pytest.mark.slow
 KEY = "grpc-test-key-0123456789"
 MODELS = {"classification": "shapes-classifier", "detection": "shapes-detector", "segmentation": "shapes-segmenter",
-          "keypoints": "figures-keypoints"}
+          "keypoints": "figures-keypoints", "instance_segmentation": "shapes-instances"}
 _DETECTIONS = [("detection_boxes", None), ("detection_scores", None), ("detection_classes", None),
                ("num_detections", None)]
 TASK_OUTPUTS = {
@@ -35,6 +35,7 @@ TASK_OUTPUTS = {
     "detection": _DETECTIONS,
     "segmentation": [("class_map", None)],
     "keypoints": [*_DETECTIONS, ("detection_keypoints", None)],
+    "instance_segmentation": [*_DETECTIONS, ("detection_masks", None)],
 }
 
 

@@ -157,6 +157,43 @@ def test_keypoints_are_drawn_as_a_skeleton(page, tmp_path) -> None:
     assert middles and np.mean(hits) > 0.8, hits
 
 
+def test_instances_are_overlaid_each_in_its_own_colour(page, tmp_path) -> None:
+    """Each object's mask (its PNG inside mask_box) blended half-half with the colour of its
+    rank: two touching shapes of one class show in two colours."""
+    from training.synthetic import render_scene
+
+    img = render_scene(np.random.default_rng(7), 320, 240, 4, 25, 60, cluster=True, class_ids=[0, 0, 0, 0]).image
+    path = tmp_path / "crowd.png"
+    img.save(path)
+    page.select_option("#model", "shapes-instances:1")
+    _upload(page, path)
+    answer = page.evaluate("window.lastAnswer")
+    assert page.text_content("#status").startswith(f"Done: {len(answer['detections'])} detection(s)")
+    assert len(answer["detections"]) >= 2
+    import base64
+
+    pixels = _canvas(page)
+    plain = np.asarray(img.convert("RGB")).astype(int)
+    masks = []
+    for d in answer["detections"]:
+        x1, y1, x2, y2 = d["mask_box"]
+        full = np.zeros(plain.shape[:2], bool)
+        full[y1:y2, x1:x2] = np.asarray(Image.open(io.BytesIO(base64.b64decode(d["mask_png"])))) > 127
+        masks.append(full)
+    alone = np.sum(masks, axis=0) == 1  # pixels of exactly one object: blended once
+    for rank, mask in enumerate(masks):
+        inner = mask & alone
+        for other in answer["detections"]:  # away from every box's outline and label
+            x1, y1, x2, y2 = (int(v) for v in other["box"])
+            inner[max(0, y1 - 20):y1 + 3, x1:x2 + 1] = False
+            inner[y1:y2 + 1, max(0, x1 - 2):x1 + 3] = inner[y1:y2 + 1, max(0, x2 - 2):x2 + 3] = False
+            inner[max(0, y2 - 2):y2 + 3, x1:x2 + 1] = False
+        if inner.sum() < 20:
+            continue
+        want = (plain[inner] + np.array(colour(rank))) / 2
+        assert np.abs(pixels[inner] - want).mean() < 8, rank
+
+
 def test_labels_for_a_classifier(page, tmp_path) -> None:
     path = tmp_path / "one.jpg"
     path.write_bytes(jpeg(scene(502, 200, 160, shapes=1).image))

@@ -21,6 +21,8 @@ ARCHS = [
     ("segmentation", "fcn_resnet50", "seg", 64, 1.0, ()),
     ("segmentation", "deeplabv3_resnet50", "seg", 64, 1.0, ()),
     ("detection", "fasterrcnn_mobilenet_v3_large_320_fpn", "det", 128, 1.0, ()),
+    ("instance_segmentation", "centernet_yolact_mobilenet_v3_large", "ins", 64, 0.5, ()),
+    ("instance_segmentation", "maskrcnn_mobilenet_v3_large_320_fpn", "ins", 128, 1.0, ()),
     ("keypoints", "centernet_pose_mobilenet_v3_large", "kp", 64, 0.5, ()),
     ("keypoints", "keypointrcnn_mobilenet_v3_large_320_fpn", "kp", 128, 1.0, ()),
 ]

@@ -166,3 +166,22 @@ def test_parity_refuses_keypoints_that_moved() -> None:
     moved = {**one, "k": one["k"] + np.array([1.0, 0.0, 0.0], np.float32)}
     with pytest.raises(ParityError, match="4 of 4 keypoints"):
         check_keypoints_agree(c, [one], [moved])
+
+
+def test_a_detector_checkpoint_starts_a_keypoint_model(tiny_checkpoints: dict[str, Path]) -> None:
+    """Transfer learning: a CenterNet detector's backbone, FPN and box heads load into the pose
+    model; the class heatmap and keypoint heads (sized by classes and keypoints) start fresh."""
+    from core.contract import KeypointSpec
+    from training.checkpoints import read
+    from training.models import build_model
+
+    spec = KeypointSpec(list(KEYPOINTS), [], [0.05] * len(KEYPOINTS))
+    model = build_model("keypoints", "centernet_pose_mobilenet_v3_small", 1, 0.5, keypoints=spec,
+                        weights=tiny_checkpoints["detection"], freeze="backbone")
+    detector = read(tiny_checkpoints["detection"])["model"]
+    own = model.state_dict()
+    assert torch.equal(own["core.size.1.weight"], detector["core.size.1.weight"])
+    assert torch.equal(own["core.features.0.0.weight"], detector["core.features.0.0.weight"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.split(".")[1] in ("heatmap", "kp_offset", "kp_visible", "kp_heat", "kp_heat_offset")
+                             for n in trainable)
