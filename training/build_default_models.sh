@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the shipped default models in models/ from scratch (synthetic data, fixed seeds).
-# CPU: about 1.5 hours on 2 cores; CUDA: a few minutes. Usage: bash training/build_default_models.sh [STAGE...]
+# CPU: about 3 hours on 2 cores; CUDA: a few minutes. Usage: bash training/build_default_models.sh [STAGE...]
 # Stages: data classifier segmenter detector instances keypoints (default: all, in that order).
 set -euo pipefail
 cd "$(dirname "$0")/.."

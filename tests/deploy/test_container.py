@@ -6,18 +6,22 @@ Bento's Dockerfile needs). Where none can be had the tests skip and say why.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from core.tasks import TASKS
 from tests.support.commands import run as _run
 from tests.support.http import get, post
 from tests.support.images import jpeg, scene
 from tests.support.servers import free_port
+from training.figures import render_figures
 
 pytestmark = pytest.mark.slow  # builds and runs container images
 
@@ -46,10 +50,16 @@ def _probe(url: str) -> None:
     assert status == 200 and body["detections"], body
     status, _, body = post(url + "/segment", {"image": ("a.jpg", data)})
     assert status == 200 and body["classes"] and "rle" in body["classes"][0]
+    status, _, body = post(url + "/instances", {"image": ("a.jpg", data)})
+    assert status == 200 and body["detections"] and "rle" in body["detections"][0], body
+    figure = io.BytesIO()
+    render_figures(np.random.default_rng(3), 256, 256, 2, 0)[0].save(figure, format="JPEG")
+    status, _, body = post(url + "/keypoints", {"image": ("f.jpg", figure.getvalue())})
+    assert status == 200 and body["detections"] and len(body["detections"][0]["keypoints"]) == 13, body
     status, _, body = post(url + "/classify", {"image": ("a.txt", b"not an image")})
     assert status == 400 and body["error"]["type"] == "invalid_image"
     status, _, body = get(url + "/models")
-    assert status == 200 and {m["task"] for m in body["models"]} == {"classification", "detection", "segmentation"}
+    assert status == 200 and {m["task"] for m in body["models"]} == set(TASKS)
 
 
 FIND_WORKER = ("import os; print(next(p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid() and "

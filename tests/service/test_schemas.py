@@ -27,7 +27,8 @@ def _conforms(model: type[BaseModel] | Any, answer: Any) -> None:
 
 
 IMAGES = [jpeg(scene(seed).image) for seed in (31, 32)]
-OPTIONS = {"classify": {"cam": "true", "top_k": "2"}, "detect": {}, "segment": {"mask_format": "polygon"}, "embed": {}}
+OPTIONS = {"classify": {"cam": "true", "top_k": "2"}, "detect": {}, "segment": {"mask_format": "polygon"}, "embed": {},
+           "instances": {"mask_format": "png"}, "keypoints": {}}
 
 
 @pytest.mark.parametrize("endpoint", sorted(schemas.RESPONSES))
@@ -48,6 +49,13 @@ def test_segment_mask_formats_conform(server, fmt: str) -> None:
     status, _, answer = post(f"{server.url}/segment", {"image": ("a.jpg", IMAGES[0])}, {"mask_format": fmt})
     assert status == 200
     _conforms(schemas.SegmentResponse, answer)
+
+
+@pytest.mark.parametrize("fmt", ["rle", "polygon"])
+def test_instance_mask_formats_conform(server, fmt: str) -> None:
+    status, _, answer = post(f"{server.url}/instances", {"image": ("a.jpg", IMAGES[0])}, {"mask_format": fmt})
+    assert status == 200 and answer["detections"]
+    _conforms(schemas.InstancesResponse, answer)
 
 
 def test_models_errors_and_v2_answers_conform(server) -> None:

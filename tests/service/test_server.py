@@ -31,7 +31,7 @@ def test_health_and_models(server) -> None:
     status, _, body = get(server.url + "/models")
     assert status == 200
     tasks = {m["task"]: m for m in body["models"]}
-    assert set(tasks) == {"classification", "detection", "segmentation"}
+    assert set(tasks) == {"classification", "detection", "segmentation", "instance_segmentation", "keypoints"}
     for m in body["models"]:
         assert m["providers"] == ["CPUExecutionProvider"] and m["version"] == "1" and m["default_version"]
         assert m["labels"] and m["input"]["height"] > 0

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.repository import discover
 from tests.support.http import multipart_body, post, request
 from tests.support.images import scene
 from tests.support.servers import SHIPPED_MODELS, Server, start_server, stop_server
@@ -207,5 +208,5 @@ def test_corrupted_videos_never_take_the_worker_down(server: Server, container: 
         if status == 200:
             assert "done" in lines[-1] or lines[-1]["error"]["type"] in ("invalid_video", "video_too_large")
     assert post(f"{server.url}/detect", files={"image": ("f.png", _png(decode(bytes(data))[0]))})[0] == 200
-    assert server.log_text().count("ready: 3 model(s)") == 1, "a worker restarted"
+    assert server.log_text().count(f"ready: {len(discover(SHIPPED_MODELS))} model(s)") == 1, "a worker restarted"
     print(f"{container}: statuses {sorted(statuses)}")
