@@ -28,7 +28,8 @@ import numpy as np
 
 from core.runtime import OnnxModel
 
-CLASSES = {"classification": 1000, "segmentation": 21, "detection": 80, "keypoints": 1}  # ImageNet/VOC/COCO heads
+CLASSES = {"classification": 1000, "segmentation": 21, "detection": 80, "instance_segmentation": 80,
+           "keypoints": 1}  # ImageNet / VOC / COCO (instances, person keypoints) sized heads
 
 
 def _coco_person() -> Any:

@@ -51,6 +51,10 @@ def build_app(model_root: Path, threads: int) -> FastAPI:
     def segment(image: UploadFile = File(...), model: str = Form("")) -> dict:
         return run("segmentation", image.file.read(), model)
 
+    @app.post("/instances")
+    def instances(image: UploadFile = File(...), model: str = Form("")) -> dict:
+        return run("instance_segmentation", image.file.read(), model)
+
     @app.post("/keypoints")
     def keypoints(image: UploadFile = File(...), model: str = Form("")) -> dict:
         return run("keypoints", image.file.read(), model)
