@@ -16,7 +16,7 @@ imported where a method needs them, so reading the table costs no image or array
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -159,34 +159,46 @@ class Detection(Task):
         return CocoDetection(root, verify=verify)
 
     def scorer(self, contract: ModelContract, dataset: CocoDetection) -> Scorer:
-        return _DetectionScorer(self, contract, dataset)
+        """COCO box mAP of the detections the service would return (score >= 0.001, top 100)."""
+        from core.metrics import coco_detection_metrics
+
+        options = {"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS}
+        return _CocoScorer(self, contract, dataset, options, coco_box_results, coco_detection_metrics)
 
 
-class _DetectionScorer:
-    """COCO mAP of the detections the service would return (score >= 0.001, top 100)."""
+def coco_box_results(image_id: int, category_id: int, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A detection answer's objects as COCO box results: bbox [x, y, w, h] in original pixels."""
+    return [{"image_id": image_id, "category_id": category_id, "score": d["score"],
+             "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]]}
+            for d in found]
 
-    def __init__(self, task: Detection, contract: ModelContract, dataset: CocoDetection) -> None:
-        self.task, self.contract, self.dataset = task, contract, dataset
+
+class _CocoScorer:
+    """pycocotools' metrics of the objects the service would return for each image (its answer
+    with ``options``: COCO's low score floor and per-image cap), converted to COCO results by
+    ``convert`` (image id, category id, the answer's objects) and scored by ``metrics``
+    (ground truth, results, image ids). Objects of a label the data set does not list (a
+    background class) are left out."""
+
+    def __init__(self, task: Task, contract: ModelContract, dataset: CocoDetection, options: Mapping[str, Any],
+                 convert: Callable[[int, int, list[dict[str, Any]]], list[dict[str, Any]]],
+                 metrics: Callable[[Any, list[dict[str, Any]], list[int]], dict[str, Any]]) -> None:
+        self.task, self.contract, self.dataset, self.options = task, contract, dataset, options
+        self.convert, self.metrics = convert, metrics
         self.category_of = dict(zip(dataset.classes, dataset.category_ids))
-        self.options = {"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS}
-        self.detections: list[dict[str, Any]] = []
+        self.results: list[dict[str, Any]] = []
         self.image_ids: list[int] = []
 
     def add(self, sample: Sample, outputs: Outputs, geometry: Geometry) -> None:
-        target = sample.target  # a core.datasets.CocoImage
-        self.image_ids.append(target.image_id)
-        for d in self.task.result(outputs, geometry, self.contract, self.options)["detections"]:
+        image_id = sample.target.image_id  # a core.datasets.CocoImage
+        self.image_ids.append(image_id)
+        for d in self.task.result(outputs, geometry, self.contract, self.options)[self.task.result_key]:
             category = self.category_of.get(d["label"])
-            if category is None:  # e.g. a background class the dataset does not list
-                continue
-            x1, y1, x2, y2 = d["box"]
-            self.detections.append({"image_id": target.image_id, "category_id": category,
-                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": d["score"]})
+            if category is not None:
+                self.results += self.convert(image_id, category, [d])
 
     def compute(self) -> dict[str, Any]:
-        from core.metrics import coco_detection_metrics
-
-        return coco_detection_metrics(self.dataset.coco, self.detections, self.image_ids)
+        return self.metrics(self.dataset.coco, self.results, self.image_ids)
 
 
 # --- instance segmentation -------------------------------------------------------------
@@ -211,39 +223,17 @@ class InstanceSegmentation(Task):
         return CocoDetection(root, verify=verify)
 
     def scorer(self, contract: ModelContract, dataset: CocoDetection) -> Scorer:
-        return _MaskScorer(self, contract, dataset)
+        """COCO mask AP of the instances the service would return (score >= 0.001, top 100)."""
+        from core.metrics import coco_mask_metrics
+
+        options = {"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS,
+                   "mask_format": "rle"}
+        return _CocoScorer(self, contract, dataset, options, coco_mask_results, coco_mask_metrics)
 
 
 def coco_mask_results(image_id: int, category_id: int, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """An instances answer's detections (``mask_format=rle``) as COCO results for pycocotools."""
-    return [{"image_id": image_id, "category_id": category_id, "score": d["score"], "segmentation": d["rle"],
-             "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]]}
-            for d in found]
-
-
-class _MaskScorer:
-    """COCO mask AP of the instances the service would return (score >= 0.001, top 100)."""
-
-    def __init__(self, task: InstanceSegmentation, contract: ModelContract, dataset: CocoDetection) -> None:
-        self.task, self.contract, self.dataset = task, contract, dataset
-        self.category_of = dict(zip(dataset.classes, dataset.category_ids))
-        self.options = {"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS,
-                        "mask_format": "rle"}
-        self.results: list[dict[str, Any]] = []
-        self.image_ids: list[int] = []
-
-    def add(self, sample: Sample, outputs: Outputs, geometry: Geometry) -> None:
-        image_id = sample.target.image_id
-        self.image_ids.append(image_id)
-        for d in self.task.result(outputs, geometry, self.contract, self.options)["detections"]:
-            category = self.category_of.get(d["label"])
-            if category is not None:
-                self.results += coco_mask_results(image_id, category, [d])
-
-    def compute(self) -> dict[str, Any]:
-        from core.metrics import coco_mask_metrics
-
-        return coco_mask_metrics(self.dataset.coco, self.results, self.image_ids)
+    return [{**box, "segmentation": d["rle"]} for box, d in zip(coco_box_results(image_id, category_id, found), found)]
 
 
 # --- keypoints ---------------------------------------------------------------------------
@@ -271,10 +261,17 @@ class Keypoints(Task):
         return data
 
     def scorer(self, contract: ModelContract, dataset: CocoDetection) -> Scorer:
+        """COCO keypoint AP (OKS with the contract's sigmas) of what /keypoints would answer
+        (score >= 0.001, top 20: COCOeval's keypoint protocol keeps 20 objects an image)."""
         if contract.keypoints is None or dataset.keypoint_names != contract.keypoints.names:
             raise DatasetError(f"{dataset.annotations_file}: keypoints {dataset.keypoint_names} differ from the "
                                f"model's {contract.keypoints.names if contract.keypoints else None}")
-        return _KeypointScorer(self, contract, dataset)
+        from core.metrics import coco_keypoint_metrics
+
+        options = {"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_POSES}
+        sigmas = contract.keypoints.sigmas
+        return _CocoScorer(self, contract, dataset, options, coco_keypoint_results,
+                           lambda coco, results, ids: coco_keypoint_metrics(coco, results, ids, sigmas))
 
 
 def coco_keypoint_results(image_id: int, category_id: int, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -282,32 +279,6 @@ def coco_keypoint_results(image_id: int, category_id: int, found: list[dict[str,
     [x, y, v] per keypoint in original pixels, v the keypoint's score (COCOeval ignores it)."""
     return [{"image_id": image_id, "category_id": category_id, "score": d["score"],
              "keypoints": [v for k in d["keypoints"] for v in (k["x"], k["y"], k["score"])]} for d in found]
-
-
-class _KeypointScorer:
-    """COCO keypoint AP of the detections the service would return (score >= 0.001, top 20:
-    COCOeval's keypoint protocol keeps at most 20 per image)."""
-
-    def __init__(self, task: Keypoints, contract: ModelContract, dataset: CocoDetection) -> None:
-        self.task, self.contract, self.dataset = task, contract, dataset
-        self.category_of = dict(zip(dataset.classes, dataset.category_ids))
-        self.options = {"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_POSES}
-        self.results: list[dict[str, Any]] = []
-        self.image_ids: list[int] = []
-
-    def add(self, sample: Sample, outputs: Outputs, geometry: Geometry) -> None:
-        image_id = sample.target.image_id
-        self.image_ids.append(image_id)
-        for d in self.task.result(outputs, geometry, self.contract, self.options)["detections"]:
-            category = self.category_of.get(d["label"])
-            if category is not None:
-                self.results += coco_keypoint_results(image_id, category, [d])
-
-    def compute(self) -> dict[str, Any]:
-        from core.metrics import coco_keypoint_metrics
-
-        return coco_keypoint_metrics(self.dataset.coco, self.results, self.image_ids,
-                                     self.contract.keypoints.sigmas)  # type: ignore[union-attr]
 
 
 # --- segmentation ------------------------------------------------------------------------

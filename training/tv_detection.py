@@ -12,8 +12,6 @@ Export limitation, by torchvision's design: the graph takes exactly one image pe
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from torchvision.models import detection as tvd
@@ -64,11 +62,14 @@ def keypointrcnn_mobilenet_v3_large_320_fpn(num_classes: int, num_keypoints: int
 
 
 class TorchvisionDetector(ConvNet):
-    """uint8 NHWC in; in eval mode forward returns torchvision's per-image dicts."""
+    """uint8 NHWC in; in eval mode forward returns torchvision's per-image dicts. Subclasses
+    (Mask R-CNN, Keypoint R-CNN) name the targets they train on besides boxes and labels
+    (``targets``) and how one image's dict becomes the graph's outputs (:meth:`graph_outputs`)."""
 
     output_spec = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels", nms_in_graph=True)
     batchable = False
     background_label = True
+    targets: tuple[str, ...] = ()  # training targets besides boxes and labels
 
     def __init__(self, arch: str, num_classes: int) -> None:
         super().__init__()
@@ -82,56 +83,29 @@ class TorchvisionDetector(ConvNet):
         return self.core(self._images(x))
 
     def loss(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        shifted = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+        shifted = [{"boxes": t["boxes"], "labels": t["labels"] + 1, **{k: t[k] for k in self.targets}}
+                   for t in targets]
         return sum(self.core(self._images(images), shifted).values())
+
+    @staticmethod
+    def graph_outputs(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """One image's torchvision dict -> the outputs ``output_spec`` names, in its order."""
+        return out["boxes"], out["scores"], out["labels"]
 
     def export_module(self) -> nn.Module:
         return TorchvisionDetectorExport(self)
 
 
 class TorchvisionDetectorExport(nn.Module):
-    """[1, H, W, 3] uint8 -> boxes [K, 4], scores [K], labels [K] (0 = background)."""
+    """[1, H, W, 3] uint8 -> the detector's graph outputs: boxes [K, 4], scores [K], labels [K]
+    (0 = background), then masks [K, H, W] or keypoints [K, P, 3]."""
 
     def __init__(self, detector: TorchvisionDetector) -> None:
         super().__init__()
         self.detector = detector
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.detector.core(TorchvisionDetector._images(x))[0]
-        return out["boxes"], out["scores"], out["labels"]
-
-
-class TorchvisionKeypointDetector(TorchvisionDetector):
-    """Keypoint R-CNN: boxes, scores and labels as the detectors, plus keypoints [K, P, 3]
-    (x, y in input pixels; the confidence: the sigmoid of torchvision's keypoint heatmap score)."""
-
-    output_spec = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels", keypoints="keypoints",
-                             nms_in_graph=True)
-
-    def __init__(self, arch: str, num_classes: int, keypoints: KeypointSpec) -> None:
-        ConvNet.__init__(self)
-        self.keypoint_spec = keypoints
-        self.core = keypointrcnn_mobilenet_v3_large_320_fpn(num_classes + 1, len(keypoints.names))
-
-    def loss(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        shifted = [{"boxes": t["boxes"], "labels": t["labels"] + 1, "keypoints": t["keypoints"]} for t in targets]
-        return sum(self.core(self._images(images), shifted).values())
-
-    def export_module(self) -> nn.Module:
-        return TorchvisionKeypointExport(self)
-
-
-class TorchvisionKeypointExport(nn.Module):
-    """[1, H, W, 3] uint8 -> boxes [K, 4], scores [K], labels [K], keypoints [K, P, 3]."""
-
-    def __init__(self, detector: TorchvisionKeypointDetector) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
-        out = self.detector.core(TorchvisionDetector._images(x))[0]
-        points = torch.cat([out["keypoints"][..., :2], torch.sigmoid(out["keypoints_scores"]).unsqueeze(-1)], -1)
-        return out["boxes"], out["scores"], out["labels"], points
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.detector.graph_outputs(self.detector.core(TorchvisionDetector._images(x))[0])
 
 
 class TorchvisionInstanceDetector(TorchvisionDetector):
@@ -140,26 +114,31 @@ class TorchvisionInstanceDetector(TorchvisionDetector):
 
     output_spec = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels", masks="masks",
                              nms_in_graph=True)
+    targets = ("masks",)
 
     def __init__(self, arch: str, num_classes: int) -> None:
         ConvNet.__init__(self)
         self.core = maskrcnn_mobilenet_v3_large_320_fpn(num_classes + 1)
 
-    def loss(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        shifted = [{"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in targets]
-        return sum(self.core(self._images(images), shifted).values())
-
-    def export_module(self) -> nn.Module:
-        return TorchvisionInstanceExport(self)
-
-
-class TorchvisionInstanceExport(nn.Module):
-    """[1, H, W, 3] uint8 -> boxes [K, 4], scores [K], labels [K], masks [K, H, W]."""
-
-    def __init__(self, detector: TorchvisionInstanceDetector) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
-        out = self.detector.core(TorchvisionDetector._images(x))[0]
+    @staticmethod
+    def graph_outputs(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return out["boxes"], out["scores"], out["labels"], out["masks"][:, 0]
+
+
+class TorchvisionKeypointDetector(TorchvisionDetector):
+    """Keypoint R-CNN: boxes, scores and labels as the detectors, plus keypoints [K, P, 3]
+    (x, y in input pixels; the confidence: the sigmoid of torchvision's keypoint heatmap score)."""
+
+    output_spec = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels", keypoints="keypoints",
+                             nms_in_graph=True)
+    targets = ("keypoints",)
+
+    def __init__(self, arch: str, num_classes: int, keypoints: KeypointSpec) -> None:
+        ConvNet.__init__(self)
+        self.keypoint_spec = keypoints
+        self.core = keypointrcnn_mobilenet_v3_large_320_fpn(num_classes + 1, len(keypoints.names))
+
+    @staticmethod
+    def graph_outputs(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        points = torch.cat([out["keypoints"][..., :2], torch.sigmoid(out["keypoints_scores"]).unsqueeze(-1)], -1)
+        return out["boxes"], out["scores"], out["labels"], points
