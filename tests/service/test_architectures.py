@@ -115,28 +115,41 @@ def test_faster_rcnn_over_v2_answers_task_tensors_for_several_images(arch_server
     assert result.as_numpy("detection_boxes").shape[:1] == (3,)
 
 
+def _served_and_computed(arch_server, tiny_arch_repo, arch: str, endpoint: str, task: str, images: list[bytes]
+                         ) -> tuple[OnnxModel, list[tuple[list[dict], list[dict]]]]:
+    """Three images in one request to ``endpoint`` (score_threshold 0, top 5), and for each
+    image the objects it answered beside what ONNX Runtime computes on the same pixels."""
+    from core.tasks import TASKS
+
+    model = OnnxModel.load(tiny_arch_repo["repo"] / _name(arch) / "1" / "model.onnx", arch, "1", "cpu", 1)
+    options = {**TASKS[task].defaults, "score_threshold": 0.0, "max_detections": 5}
+    body = multipart_body([("image", f"{i}.jpg", data) for i, data in enumerate(images)]
+                          + [("model", None, _name(arch).encode()), ("score_threshold", None, b"0"),
+                             ("max_detections", None, b"5")])
+    status, _, answer = request(arch_server.url, "POST", f"/{endpoint}", body, MULTIPART)
+    assert status == 200, answer
+    pairs = []
+    for data, result in zip(images, answer["results"]):
+        _, arr, geometry = load_input(data, model.contract.input)
+        (outputs,) = model.infer(arr[None])
+        want = TASKS[task].result(outputs, geometry, model.contract, options)["detections"]
+        assert len(result["detections"]) == len(want) > 0
+        for got, exp in zip(result["detections"], want):
+            assert got["box"] == pytest.approx(exp["box"], abs=0.02) and got["label"] == exp["label"]
+        pairs.append((result["detections"], want))
+    return model, pairs
+
+
 @pytest.mark.parametrize("arch", [a for t, a, *_ in ARCHS if t == "keypoints"])
 def test_keypoint_models_answer_what_onnx_runtime_computes(arch_server, tiny_arch_repo, arch) -> None:
     """CenterNet's pose variant (a batch per graph call) and Keypoint R-CNN (one image per call)
     answer three images in one request with ONNX Runtime's objects and keypoints."""
-    from core.tasks import TASKS
     from training.figures import render_figures
 
     images = [jpeg(render_figures(np.random.default_rng(i), 200, 160, 2, 0)[0]) for i in range(3)]
-    model = OnnxModel.load(tiny_arch_repo["repo"] / _name(arch) / "1" / "model.onnx", arch, "1", "cpu", 1)
-    options = {"score_threshold": 0.0, "max_detections": 5}
-    body = multipart_body([("image", f"{i}.jpg", data) for i, data in enumerate(images)]
-                          + [("model", None, _name(arch).encode()), ("score_threshold", None, b"0"),
-                             ("max_detections", None, b"5")])
-    status, _, answer = request(arch_server.url, "POST", "/keypoints", body, MULTIPART)
-    assert status == 200, answer
-    for data, result in zip(images, answer["results"]):
-        _, arr, geometry = load_input(data, model.contract.input)
-        (outputs,) = model.infer(arr[None])
-        want = TASKS["keypoints"].result(outputs, geometry, model.contract, options)["detections"]
-        assert len(result["detections"]) == len(want) > 0
-        for got, exp in zip(result["detections"], want):
-            assert got["box"] == pytest.approx(exp["box"], abs=0.02) and got["label"] == exp["label"]
+    model, pairs = _served_and_computed(arch_server, tiny_arch_repo, arch, "keypoints", "keypoints", images)
+    for found, want in pairs:
+        for got, exp in zip(found, want):
             assert [k["name"] for k in got["keypoints"]] == model.contract.keypoints.names
             np.testing.assert_allclose([(k["x"], k["y"]) for k in got["keypoints"]],
                                        [(k["x"], k["y"]) for k in exp["keypoints"]], atol=0.02)
@@ -146,21 +159,8 @@ def test_keypoint_models_answer_what_onnx_runtime_computes(arch_server, tiny_arc
 def test_instance_models_answer_what_onnx_runtime_computes(arch_server, tiny_arch_repo, arch) -> None:
     """CenterNet with YOLACT's masks (a batch per graph call) and Mask R-CNN (one image per
     call) answer three images in one request with ONNX Runtime's objects and masks."""
-    from core.tasks import TASKS
-
     images = [jpeg(scene(120 + i, 200, 160).image) for i in range(3)]
-    model = OnnxModel.load(tiny_arch_repo["repo"] / _name(arch) / "1" / "model.onnx", arch, "1", "cpu", 1)
-    options = {"score_threshold": 0.0, "max_detections": 5, "mask_format": "rle"}
-    body = multipart_body([("image", f"{i}.jpg", data) for i, data in enumerate(images)]
-                          + [("model", None, _name(arch).encode()), ("score_threshold", None, b"0"),
-                             ("max_detections", None, b"5")])
-    status, _, answer = request(arch_server.url, "POST", "/instances", body, MULTIPART)
-    assert status == 200, answer
-    for data, result in zip(images, answer["results"]):
-        _, arr, geometry = load_input(data, model.contract.input)
-        (outputs,) = model.infer(arr[None])
-        want = TASKS["instance_segmentation"].result(outputs, geometry, model.contract, options)["detections"]
-        assert len(result["detections"]) == len(want) > 0
-        for got, exp in zip(result["detections"], want):
-            assert got["box"] == pytest.approx(exp["box"], abs=0.02) and got["label"] == exp["label"]
+    _, pairs = _served_and_computed(arch_server, tiny_arch_repo, arch, "instances", "instance_segmentation", images)
+    for found, want in pairs:
+        for got, exp in zip(found, want):
             assert got["rle"]["size"] == [160, 200] and abs(got["area"] - exp["area"]) <= 0.01 * exp["area"] + 2
