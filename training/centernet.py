@@ -128,7 +128,9 @@ class CenterNet(nn.Module):
 
 
 class CenterNetDetector(ConvNet):
-    """A CenterNet behind the ConvNet interface: uint8 NHWC in; batchable export."""
+    """A CenterNet behind the ConvNet interface: uint8 NHWC in; batchable export. Its pose and
+    instance variants (training.pose, training.instances) subclass it with their own ``core``
+    (a CenterNet whose :meth:`CenterNet.decode` adds their outputs) and loss."""
 
     output_spec = OutputSpec(kind="boxes", boxes="boxes", scores="scores", labels="labels",
                              max_detections=100, nms_in_graph=True)
@@ -138,8 +140,8 @@ class CenterNetDetector(ConvNet):
         self.normalize = Normalize()
         self.core = CenterNet(num_classes, backbone, width_mult, max_detections=self.output_spec.max_detections or 100)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Raw maps (heatmap logits, log-size, offset) for uint8 images."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The core's raw maps (heatmap logits, log-size, offset, then the variant's) for uint8 images."""
         return self.core(self.normalize(x))
 
     def loss(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -150,13 +152,14 @@ class CenterNetDetector(ConvNet):
 
 
 class CenterNetExport(nn.Module):
-    """uint8 NHWC in, (boxes [N,K,4], scores [N,K], labels [N,K]) out: the exported graph."""
+    """uint8 NHWC in, (boxes [N,K,4], scores [N,K], labels [N,K], then the variant's masks or
+    keypoints) out: the exported graph."""
 
     def __init__(self, detector: CenterNetDetector) -> None:
         super().__init__()
         self.detector = detector
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.detector.core.decode(*self.detector(x))
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.contract import OutputSpec
-from training.centernet import CenterNet, _conv_bn_relu, centernet_loss, centre_cells
+from training.centernet import CenterNet, CenterNetDetector, _conv_bn_relu, centernet_loss, centre_cells
 from training.convnet import ConvNet, Normalize
 
 PROTOTYPES = 16  # YOLACT uses 32 for COCO's 80 classes; 16 suffice for a handful of shapes
@@ -25,7 +25,7 @@ PROTOTYPES = 16  # YOLACT uses 32 for COCO's 80 classes; 16 suffice for a handfu
 
 class InstanceCenterNet(CenterNet):
     """CenterNet with YOLACT's mask coefficients and prototypes; :meth:`forward` gives five raw
-    maps, :meth:`decode_instances` the fixed-shape detections with masks."""
+    maps, :meth:`decode` the fixed-shape detections with masks."""
 
     def __init__(self, num_classes: int, backbone: str = "mobilenet_v3_small", width_mult: float = 1.0,
                  channels: int = 64, max_detections: int = 50, prototypes: int = PROTOTYPES) -> None:
@@ -42,9 +42,9 @@ class InstanceCenterNet(CenterNet):
         p = self.feature_map(x)
         return self.heatmap(p), self.size(p), self.offset(p), self.coef(p), self.proto(p)
 
-    def decode_instances(self, heat_logits: torch.Tensor, log_size: torch.Tensor, offset: torch.Tensor,
-                         coef: torch.Tensor, proto: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode(self, heat_logits: torch.Tensor, log_size: torch.Tensor, offset: torch.Tensor,
+               coef: torch.Tensor, proto: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
         """(boxes [N,K,4], scores [N,K], labels [N,K], masks [N,K,H/4,W/4]) in input pixels."""
         peaks = self.peaks(heat_logits)
         boxes, scores, labels = self.boxes_at(peaks, log_size, offset)
@@ -92,7 +92,7 @@ def instance_loss(outputs: tuple[torch.Tensor, ...], targets: list[dict[str, tor
     return loss + (bce.sum(dim=(1, 2)) / crop.sum(dim=(1, 2)).clamp(min=1.0)).mean()
 
 
-class CenterNetInstances(ConvNet):
+class CenterNetInstances(CenterNetDetector):
     """An InstanceCenterNet behind the ConvNet interface: uint8 NHWC in; batchable export of
     boxes, scores, labels and masks."""
 
@@ -103,28 +103,10 @@ class CenterNetInstances(ConvNet):
     last_layers = ("heatmap.", "coef.", "proto.")
 
     def __init__(self, num_classes: int, backbone: str = "mobilenet_v3_small", width_mult: float = 1.0) -> None:
-        super().__init__()
+        ConvNet.__init__(self)
         self.normalize = Normalize()
         self.core = InstanceCenterNet(num_classes, backbone, width_mult,
                                       max_detections=self.output_spec.max_detections or 50)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The raw maps (InstanceCenterNet.forward) for uint8 images."""
-        return self.core(self.normalize(x))
-
     def loss(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         return instance_loss(self(images), targets, self.core.num_classes, self.core.stride)
-
-    def export_module(self) -> nn.Module:
-        return CenterNetInstancesExport(self)
-
-
-class CenterNetInstancesExport(nn.Module):
-    """uint8 NHWC in; boxes [N,K,4], scores [N,K], labels [N,K], masks [N,K,H/4,W/4] out."""
-
-    def __init__(self, model: CenterNetInstances) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.model.core.decode_instances(*self.model(x))

@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.contract import KeypointSpec, OutputSpec
-from training.centernet import CenterNet, _conv_bn_relu, centernet_loss, centre_cells, focal_loss
+from training.centernet import CenterNet, CenterNetDetector, _conv_bn_relu, centernet_loss, centre_cells, focal_loss
 from training.convnet import ConvNet, Normalize
 
 SNAP_SCORE = 0.1  # a keypoint heatmap peak weaker than this never moves a regressed keypoint
 
 
 class PoseCenterNet(CenterNet):
-    """CenterNet with keypoint heads; :meth:`forward` gives five raw maps, :meth:`decode_pose`
+    """CenterNet with keypoint heads; :meth:`forward` gives five raw maps, :meth:`decode`
     the fixed-shape detections with keypoints."""
 
     def __init__(self, num_classes: int, num_keypoints: int, backbone: str = "mobilenet_v3_small",
@@ -48,9 +48,9 @@ class PoseCenterNet(CenterNet):
         return (self.heatmap(p), self.size(p), self.offset(p), self.kp_offset(p), self.kp_visible(p), self.kp_heat(p),
                 self.kp_heat_offset(p))
 
-    def decode_pose(self, heat_logits: torch.Tensor, log_size: torch.Tensor, offset: torch.Tensor,
-                    kp_offset: torch.Tensor, kp_visible: torch.Tensor, kp_heat: torch.Tensor,
-                    kp_heat_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode(self, heat_logits: torch.Tensor, log_size: torch.Tensor, offset: torch.Tensor,
+               kp_offset: torch.Tensor, kp_visible: torch.Tensor, kp_heat: torch.Tensor, kp_heat_offset: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
         """(boxes [N,K,4], scores [N,K], labels [N,K], keypoints [N,K,P,3]) in input pixels."""
         peaks = self.peaks(heat_logits)
         boxes, scores, labels = self.boxes_at(peaks, log_size, offset)
@@ -142,7 +142,7 @@ def pose_loss(outputs: tuple[torch.Tensor, ...], targets: list[dict[str, torch.T
             + focal_loss(kp_heat, heat) + heat_l1)
 
 
-class CenterNetPose(ConvNet):
+class CenterNetPose(CenterNetDetector):
     """A PoseCenterNet behind the ConvNet interface: uint8 NHWC in; batchable export of boxes,
     scores, labels and keypoints. ``keypoints`` (names, skeleton, OKS sigmas) comes from the
     training data and goes into the exported contract."""
@@ -155,29 +155,11 @@ class CenterNetPose(ConvNet):
 
     def __init__(self, num_classes: int, keypoints: KeypointSpec, backbone: str = "mobilenet_v3_small",
                  width_mult: float = 1.0) -> None:
-        super().__init__()
+        ConvNet.__init__(self)
         self.keypoint_spec = keypoints
         self.normalize = Normalize()
         self.core = PoseCenterNet(num_classes, len(keypoints.names), backbone, width_mult,
                                   max_detections=self.output_spec.max_detections or 20)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The raw maps (PoseCenterNet.forward) for uint8 images."""
-        return self.core(self.normalize(x))
-
     def loss(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         return pose_loss(self(images), targets, self.core.num_classes, self.core.num_keypoints, self.core.stride)
-
-    def export_module(self) -> nn.Module:
-        return CenterNetPoseExport(self)
-
-
-class CenterNetPoseExport(nn.Module):
-    """uint8 NHWC in; boxes [N,K,4], scores [N,K], labels [N,K], keypoints [N,K,P,3] out."""
-
-    def __init__(self, model: CenterNetPose) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.model.core.decode_pose(*self.model(x))

@@ -67,7 +67,7 @@ def test_a_few_steps_lower_the_loss(crowds: Path) -> None:
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
     with torch.no_grad():
-        boxes, scores, labels, masks = model.eval().decode_instances(*model(normalize(images[:2])))
+        boxes, scores, labels, masks = model.eval().decode(*model(normalize(images[:2])))
     assert masks.shape == (2, 10, SIZE // 4, SIZE // 4) and float(masks.min()) >= 0 and float(masks.max()) <= 1
 
 

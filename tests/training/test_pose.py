@@ -78,7 +78,7 @@ def test_regressed_keypoints_snap_to_their_heatmap_peak_inside_the_box() -> None
     kp_heat[0, 1, 12, 12] = 5.0   # outside it
     kp_heat_offset = torch.full((1, 2, h, w), 0.5)
     with torch.no_grad():
-        boxes, scores, _, kps = model.decode_pose(heat, log_size, offset, kp_offset, kp_visible, kp_heat,
+        boxes, scores, _, kps = model.decode(heat, log_size, offset, kp_offset, kp_visible, kp_heat,
                                                   kp_heat_offset)
     assert boxes[0, 0].tolist() == pytest.approx([16.0, 16.0, 48.0, 48.0])
     assert kps[0, 0, 0, :2].tolist() == pytest.approx([44.0, 28.0])
@@ -112,7 +112,7 @@ def test_a_few_steps_lower_the_loss_and_the_graph_exports_with_a_dynamic_batch(f
             self.normalize, self.model = normalize, model
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return self.model.decode_pose(*self.model(self.normalize(x)))
+            return self.model.decode(*self.model(self.normalize(x)))
 
     graph = Graph().eval()
     path = tmp_path / "pose.onnx"
