@@ -35,7 +35,7 @@ normalisation, other weights: tests/export perturbs the weights) moves outputs b
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,32 +142,38 @@ def _compare_detections(contract: ModelContract, torch_out: list[Outputs], ort_o
 KEYPOINT_ATOL = 0.05  # input pixels: float32 coordinates of a few hundred pixels round at ~1e-4
 
 
+def _twins(contract: ModelContract, torch_out: list[Outputs], ort_out: list[Outputs]
+           ) -> Iterator[tuple[Outputs, Outputs, int, int]]:
+    """Each PyTorch detection scoring >= 0.05 that has a twin in ONNX Runtime's answer for the
+    same image (same label, IoU >= 0.99; the best such): (PyTorch outputs, ONNX Runtime outputs,
+    its row, the twin's row). Detections without a twin are the detection comparison's."""
+    o = contract.outputs
+    for t_img, o_img in zip(torch_out, ort_out):
+        rows = np.flatnonzero(t_img[o.scores].reshape(-1) >= 0.05)
+        g_boxes = o_img[o.boxes].reshape(-1, 4)
+        if not len(rows) or not len(g_boxes):
+            continue
+        iou = _box_iou(t_img[o.boxes].reshape(-1, 4)[rows], g_boxes)
+        same = (iou >= 0.99) & (t_img[o.labels].reshape(-1)[rows][:, None] == o_img[o.labels].reshape(-1)[None, :])
+        for i, r in enumerate(rows):
+            if same[i].any():
+                yield t_img, o_img, int(r), int(np.argmax(np.where(same[i], iou[i], -1)))
+
+
 def check_keypoints_agree(contract: ModelContract, torch_out: list[Outputs], ort_out: list[Outputs]) -> dict[str, Any]:
     """Detections as for detection; then each twin's keypoints (same label, IoU >= 0.99):
     x and y within KEYPOINT_ATOL pixels and confidence within the bound on >= 99% of them
     (a keypoint refined to the nearer of two equidistant heatmap peaks may go either way)."""
     report = _compare_detections(contract, torch_out, ort_out)
-    o = contract.outputs
+    name = contract.outputs.keypoints
     compared = off = 0
-    for t_img, o_img in zip(torch_out, ort_out):
-        t_scores, g_scores = t_img[o.scores].reshape(-1), o_img[o.scores].reshape(-1)
-        t_boxes, g_boxes = t_img[o.boxes].reshape(-1, 4), o_img[o.boxes].reshape(-1, 4)
-        p = t_img[o.keypoints].shape[-2]
-        t_kp, g_kp = t_img[o.keypoints].reshape(-1, p, 3), o_img[o.keypoints].reshape(-1, p, 3)
-        rows = np.flatnonzero(t_scores >= 0.05)
-        if not len(rows) or not len(g_scores):
-            continue
-        iou = _box_iou(t_boxes[rows], g_boxes)
-        same = (iou >= 0.99) & (t_img[o.labels].reshape(-1)[rows][:, None] == o_img[o.labels].reshape(-1)[None, :])
-        for r, twins in zip(rows, same):
-            if not twins.any():
-                continue  # no twin: counted by the detection comparison
-            g = int(np.argmax(np.where(twins, iou[list(rows).index(r)], -1)))
-            a, b = t_kp[r], g_kp[g]
-            bad = ((np.abs(a[:, :2] - b[:, :2]) > KEYPOINT_ATOL).any(axis=1)
-                   | (np.abs(a[:, 2] - b[:, 2]) > _tolerance(a[:, 2])))
-            compared += p
-            off += int(bad.sum())
+    for t_img, o_img, r, g in _twins(contract, torch_out, ort_out):
+        p = t_img[name].shape[-2]
+        a, b = t_img[name].reshape(-1, p, 3)[r], o_img[name].reshape(-1, p, 3)[g]
+        bad = ((np.abs(a[:, :2] - b[:, :2]) > KEYPOINT_ATOL).any(axis=1)
+               | (np.abs(a[:, 2] - b[:, 2]) > _tolerance(a[:, 2])))
+        compared += p
+        off += int(bad.sum())
     if off > 0.01 * compared:
         raise ParityError(f"{off} of {compared} keypoints of twin detections differ by more than {KEYPOINT_ATOL} px "
                           f"or the confidence bound between PyTorch and ONNX")
@@ -179,27 +185,15 @@ def check_masks_agree(contract: ModelContract, torch_out: list[Outputs], ort_out
     probabilities within the bound on >= 99.9% of cells (a cell on a box's edge may fall
     either side of YOLACT's crop when the box moves by rounding)."""
     report = _compare_detections(contract, torch_out, ort_out)
-    o = contract.outputs
+    name = contract.outputs.masks
     compared = off = 0
     worst = 0.0
-    for t_img, o_img in zip(torch_out, ort_out):
-        t_scores = t_img[o.scores].reshape(-1)
-        t_boxes, g_boxes = t_img[o.boxes].reshape(-1, 4), o_img[o.boxes].reshape(-1, 4)
-        rows = np.flatnonzero(t_scores >= 0.05)
-        if not len(rows) or not len(g_boxes):
-            continue
-        iou = _box_iou(t_boxes[rows], g_boxes)
-        same = (iou >= 0.99) & (t_img[o.labels].reshape(-1)[rows][:, None] == o_img[o.labels].reshape(-1)[None, :])
-        t_masks = t_img[o.masks].reshape(-1, *t_img[o.masks].shape[-2:])
-        g_masks = o_img[o.masks].reshape(-1, *o_img[o.masks].shape[-2:])
-        for i, r in enumerate(rows):
-            if not same[i].any():
-                continue  # no twin: counted by the detection comparison
-            g = int(np.argmax(np.where(same[i], iou[i], -1)))
-            diff = np.abs(t_masks[r] - g_masks[g])
-            off += int((diff > _tolerance(t_masks[r])).sum())
-            compared += diff.size
-            worst = max(worst, float(diff.max()))
+    for t_img, o_img, r, g in _twins(contract, torch_out, ort_out):
+        a = t_img[name].reshape(-1, *t_img[name].shape[-2:])[r]
+        diff = np.abs(a - o_img[name].reshape(-1, *o_img[name].shape[-2:])[g])
+        off += int((diff > _tolerance(a)).sum())
+        compared += diff.size
+        worst = max(worst, float(diff.max()))
     if off > 0.001 * compared:
         raise ParityError(f"{off} of {compared} mask cells of twin detections differ beyond the bound "
                           f"(up to {worst:.3g}) between PyTorch and ONNX")
