@@ -124,8 +124,13 @@ def select_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
     """One image's padded detections above ``score_threshold``, best first, at most
     ``max_detections``: boxes [K, 4] mapped to original pixels and rounded to 0.01 px, scores
     [K] rounded to 6 decimals (float64, as the JSON answer states them), labels [K] int64."""
+    return _selected(boxes, scores, labels, geometry, kept_detections(scores, score_threshold, max_detections))
+
+
+def _selected(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, geometry: Geometry, keep: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``keep`` rows of one image's padded detections, mapped and rounded as the answer states them."""
     boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-    keep = kept_detections(scores, score_threshold, max_detections)
     mapped = geometry.boxes_to_original(boxes[keep]).astype(np.float64)
     return np.round(mapped, 2), np.round(scores[keep].astype(np.float64), 6), labels[keep].astype(np.int64)
 
@@ -133,13 +138,21 @@ def select_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
 def detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, geometry: Geometry,
                label_names: list[str], score_threshold: float, max_detections: int) -> list[dict[str, Any]]:
     """:func:`select_detections` as JSON-ready dicts (box, score, label, label_id)."""
-    kept_boxes, kept_scores, kept_labels = select_detections(boxes, scores, labels, geometry, score_threshold,
-                                                             max_detections)
+    return kept_objects(boxes, scores, labels, geometry, label_names, score_threshold, max_detections)[1]
+
+
+def kept_objects(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, geometry: Geometry,
+                 label_names: list[str], score_threshold: float, max_detections: int
+                 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """:func:`detections`, and the rows of the padded outputs they came from (where an object's
+    other outputs, its mask or keypoints, are)."""
+    keep = kept_detections(scores, score_threshold, max_detections)
+    kept_boxes, kept_scores, kept_labels = _selected(boxes, scores, labels, geometry, keep)
     out = []
     for box, s, lab in zip(kept_boxes.tolist(), kept_scores.tolist(), kept_labels.tolist()):
         out.append({"box": box, "score": s,
                     "label": label_names[lab] if 0 <= lab < len(label_names) else str(lab), "label_id": lab})
-    return out
+    return keep, out
 
 
 def keypoints_to_original(points: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -158,9 +171,7 @@ def pose_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, p
                     max_detections: int) -> list[dict[str, Any]]:
     """:func:`detections`, each with its ``keypoints``: one ``{name, x, y, score}`` per keypoint
     of the model's skeleton, x and y in original pixels, score the keypoint's confidence."""
-    keep = kept_detections(scores, score_threshold, max_detections)
-    found = detections(boxes.reshape(-1, 4)[keep], scores.reshape(-1)[keep], labels.reshape(-1)[keep], geometry,
-                       label_names, -np.inf, len(keep))
+    keep, found = kept_objects(boxes, scores, labels, geometry, label_names, score_threshold, max_detections)
     mapped = keypoints_to_original(points.reshape(-1, len(keypoint_names), 3)[keep], geometry)
     for item, kps in zip(found, mapped.tolist()):
         item["keypoints"] = [{"name": n, "x": x, "y": y, "score": c} for n, (x, y, c) in zip(keypoint_names, kps)]
@@ -227,9 +238,7 @@ def select_instances(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, 
                      max_detections: int) -> list[tuple[dict[str, Any], tuple[np.ndarray, int, int]]]:
     """:func:`detections`, each with its mask's window at the original resolution
     (:func:`instance_windows`): what the answer encodes and a drawing paints."""
-    keep = kept_detections(scores, score_threshold, max_detections)
-    found = detections(boxes.reshape(-1, 4)[keep], scores.reshape(-1)[keep], labels.reshape(-1)[keep], geometry,
-                       label_names, -np.inf, len(keep))
+    keep, found = kept_objects(boxes, scores, labels, geometry, label_names, score_threshold, max_detections)
     k = masks.shape[-3]
     windows = instance_windows(np.array([d["box"] for d in found], np.float64).reshape(-1, 4),
                                masks.reshape(k, *masks.shape[-2:])[keep], geometry, spec)
