@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, File, Form, UploadFile
@@ -22,6 +23,7 @@ from core.geometry import resize_to_input
 from core.repository import discover
 from core.runtime import OnnxModel
 from core.tasks import TASKS
+from service.endpoints import TASK_ENDPOINTS
 from service.settings import Settings
 
 
@@ -39,25 +41,13 @@ def build_app(model_root: Path, threads: int) -> FastAPI:
         out = m.infer(arr[None])[0]
         return task.result(out, geo, m.contract, task.defaults)
 
-    @app.post("/classify")
-    def classify(image: UploadFile = File(...), model: str = Form("")) -> dict:
-        return run("classification", image.file.read(), model)
+    def route(task_name: str) -> Callable[..., dict]:
+        def answer(image: UploadFile = File(...), model: str = Form("")) -> dict:
+            return run(task_name, image.file.read(), model)
+        return answer
 
-    @app.post("/detect")
-    def detect(image: UploadFile = File(...), model: str = Form("")) -> dict:
-        return run("detection", image.file.read(), model)
-
-    @app.post("/segment")
-    def segment(image: UploadFile = File(...), model: str = Form("")) -> dict:
-        return run("segmentation", image.file.read(), model)
-
-    @app.post("/instances")
-    def instances(image: UploadFile = File(...), model: str = Form("")) -> dict:
-        return run("instance_segmentation", image.file.read(), model)
-
-    @app.post("/keypoints")
-    def keypoints(image: UploadFile = File(...), model: str = Form("")) -> dict:
-        return run("keypoints", image.file.read(), model)
+    for endpoint in TASK_ENDPOINTS.values():  # the service's task routes: /classify, /detect, ...
+        app.post(f"/{endpoint.name}")(route(endpoint.task.name))
 
     return app
 
