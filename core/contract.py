@@ -64,6 +64,8 @@ class OutputSpec:
     keypoints: detection's three plus ``keypoints`` [N, K, P, 3]: each detection's P keypoints
       (x, y in model-input pixels, confidence in [0, 1]), in the order of the contract's
       ``keypoints.names``.
+    embedding (kind ``l2_normalized``): ``embedding`` [N, D], unit-length vectors trained for
+      distance (similarity learning), D the contract's ``embedding.dimension``.
     A graph with a fixed batch of 1 may leave the leading N axis out of its outputs.
     """
 
@@ -111,6 +113,27 @@ class KeypointSpec:
             raise ContractError(f"keypoints.sigmas: must hold one positive number per keypoint ({len(self.names)})")
 
 
+EMBEDDING_METRICS = ("cosine",)  # how an embedding model's vectors are compared
+MAX_EMBEDDING_DIMENSION = 4096
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """An embedding model's vectors: their ``dimension`` and the ``metric`` they were trained
+    for (``cosine``: the graph outputs unit-length vectors, so the cosine similarity of two
+    images is the dot product of their embeddings). Galleries (service.galleries) keep what
+    one model version wrote and compare by this metric."""
+
+    dimension: int
+    metric: str = "cosine"
+
+    def validate(self) -> None:
+        if not 1 <= self.dimension <= MAX_EMBEDDING_DIMENSION:
+            raise ContractError(f"embedding.dimension: must be in 1..{MAX_EMBEDDING_DIMENSION}, got {self.dimension}")
+        if self.metric not in EMBEDDING_METRICS:
+            raise ContractError(f"embedding.metric: must be one of {list(EMBEDDING_METRICS)}, got {self.metric!r}")
+
+
 @dataclass(frozen=True)
 class BatchSpec:
     """A dynamic batch axis, or a fixed batch ``size`` the graph always takes."""
@@ -136,6 +159,7 @@ class OutputLayout:
     kinds: tuple[str, ...]
     image_ranks: Mapping[str, Mapping[str, int]]
     optional: tuple[str, ...] = ()
+    labelled: bool = True  # the contract lists class names (an embedding model has none)
 
     def check(self, task: str, spec: OutputSpec) -> None:
         """ContractError naming the field if ``spec`` is not a valid output spec for ``task``."""
@@ -176,8 +200,10 @@ LAYOUTS: dict[str, OutputLayout] = {
     "keypoints": OutputLayout(kinds=("boxes",), optional=("count",),
                               image_ranks={"boxes": {"*": 2}, "scores": {"*": 1}, "labels": {"*": 1},
                                            "keypoints": {"*": 3}, "count": {"*": 0}}),
+    "embedding": OutputLayout(kinds=("l2_normalized",), image_ranks={"embedding": {"*": 1}}, labelled=False),
 }
 NEEDS_KEYPOINTS = ("keypoints",)  # the tasks whose contract carries a KeypointSpec
+NEEDS_EMBEDDING = ("embedding",)  # the tasks whose contract carries an EmbeddingSpec
 
 
 @dataclass(frozen=True)
@@ -191,11 +217,13 @@ class ModelContract:
     schema_version: int = SCHEMA_VERSION
     precision: str = "fp32"  # the variant: fp32, or int8 (export.quantize); inputs stay uint8 either way
     keypoints: KeypointSpec | None = None  # keypoint models only: names, skeleton, OKS sigmas
+    embedding: EmbeddingSpec | None = None  # embedding models only: dimension, metric
 
     def to_json(self) -> str:
         doc = asdict(self)
-        if doc["keypoints"] is None:  # the other tasks' documents stay as they were
-            del doc["keypoints"]
+        for optional in ("keypoints", "embedding"):  # the other tasks' documents stay as they were
+            if doc[optional] is None:
+                del doc[optional]
         return json.dumps(doc, sort_keys=True)
 
     def with_provenance(self, **entries: Any) -> ModelContract:
@@ -228,8 +256,11 @@ class ModelContract:
             raise ContractError(f"task: must be one of {sorted(LAYOUTS)}, got {self.task!r}")
         if self.precision not in PRECISIONS:
             raise ContractError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if not self.labels:
+        layout = LAYOUTS[self.task]
+        if layout.labelled and not self.labels:
             raise ContractError("labels: must list at least one class name")
+        if not layout.labelled and self.labels:
+            raise ContractError(f"labels: a {self.task} model has no classes; must be empty")
         seen: set[str] = set()
         for i, name in enumerate(self.labels):
             if not name:
@@ -245,6 +276,12 @@ class ModelContract:
             self.keypoints.validate()
         elif self.keypoints is not None:
             raise ContractError(f"keypoints: not part of a {self.task} model's contract")
+        if self.task in NEEDS_EMBEDDING:
+            if self.embedding is None:
+                raise ContractError(f"embedding: required for {self.task} (dimension, metric)")
+            self.embedding.validate()
+        elif self.embedding is not None:
+            raise ContractError(f"embedding: not part of a {self.task} model's contract")
         b = self.batch
         if b.dynamic and b.size is not None:
             raise ContractError("batch.size: must be null when batch.dynamic is true")
@@ -401,6 +438,10 @@ def check_io(contract: ModelContract, inputs: Iterable[IOSpec], outputs: Iterabl
             if any(isinstance(d, int) and d != w for d, w in zip(shape[-2:], want)):
                 raise ContractError(f"outputs.keypoints: output {tensor!r} has shape {shape}; its last axes must "
                                     f"be {want} (the contract's keypoints, then x, y, confidence)")
+        if contract.embedding is not None and tensor == contract.outputs.embedding:
+            if isinstance(shape[-1], int) and shape[-1] != contract.embedding.dimension:
+                raise ContractError(f"embedding.dimension: the contract says {contract.embedding.dimension}, the "
+                                    f"graph's {tensor!r} output has {shape[-1]}")
         if contract.batch.dynamic and isinstance(shape[0], int):
             raise ContractError(f"outputs.{field_name}: output {tensor!r} has a fixed batch axis of {shape[0]}, "
                                 "but the contract says the batch is dynamic")

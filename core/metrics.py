@@ -3,7 +3,10 @@ for scoring an exported ONNX file alike.
 
 Classification: top-k accuracy. Segmentation: confusion-matrix IoU per class and mIoU (mean
 over all classes, background included, as torchvision's references do). Detection: COCO
-mAP@[.5:.95] and mAP@.5 computed by pycocotools, never by hand.
+mAP@[.5:.95] and mAP@.5 computed by pycocotools, never by hand. Similarity (embeddings):
+leave-one-out retrieval, recall@k and mAP@R (Musgrave et al., "A Metric Learning Reality
+Check", 2020), as pytorch-metric-learning's AccuracyCalculator computes them (a test compares
+the two); written here in NumPy because evaluation and serving load no torch.
 """
 
 from __future__ import annotations
@@ -62,6 +65,51 @@ class ConfusionMatrix:
             "pixel_accuracy": float(tp.sum() / max(self.mat.sum(), 1)),
             "iou": {n: (float(v) if p else None) for n, v, p in zip(names, iou, present)},
         }
+
+
+RETRIEVAL_CHUNK = 1024  # queries scored at once: a [chunk, N] similarity block
+
+
+def retrieval_metrics(embeddings: np.ndarray, identities: np.ndarray, ks: tuple[int, ...] = (1, 5)
+                      ) -> dict[str, float | int]:
+    """Leave-one-out retrieval over a held-out set: each image queries all the others, ranked
+    by cosine similarity (rows are L2-normalised here; ties go to the earlier image).
+
+    ``recall_at_k``: the share of queries with an image of their own identity among their k
+    nearest. ``map_at_r``: mean average precision at R, R the number of other images of the
+    query's identity: the precision at each of the first R ranks that holds a match, summed
+    and divided by R (1.0 only when all R come first). Queries whose identity has no other
+    image are left out and counted in ``queries`` no more."""
+    x = np.asarray(embeddings, np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    ids = np.asarray(identities)
+    n = len(x)
+    counts = {i: c for i, c in zip(*np.unique(ids, return_counts=True))}
+    r_of = np.array([counts[i] - 1 for i in ids]) if n else np.zeros(0, int)
+    hits = dict.fromkeys(ks, 0)
+    ap_sum, queries = 0.0, 0
+    r_max = int(r_of.max(initial=0))
+    depth = min(max(max(ks), r_max), max(n - 1, 0))
+    for start in range(0, n, RETRIEVAL_CHUNK):
+        rows = np.arange(start, min(start + RETRIEVAL_CHUNK, n))
+        sim = x[rows] @ x.T
+        sim[np.arange(len(rows)), rows] = -np.inf  # never the query itself
+        order = np.argsort(-sim, axis=1, kind="stable")[:, :depth]
+        match = ids[order] == ids[rows][:, None]
+        for j, q in enumerate(rows):
+            r = int(r_of[q])
+            if r == 0:
+                continue
+            queries += 1
+            for k in ks:
+                hits[k] += bool(match[j, :k].any())
+            rel = match[j, :r]
+            precision = np.cumsum(rel) / np.arange(1, r + 1)
+            ap_sum += float((precision * rel).sum()) / r
+    out: dict[str, float | int] = {f"recall_at_{k}": hits[k] / max(queries, 1) for k in ks}
+    out["map_at_r"] = ap_sum / max(queries, 1)
+    out["queries"] = queries
+    return out
 
 
 def _coco_stats(coco_gt: Any, results: list[dict[str, Any]], image_ids: list[int] | None, iou_type: str,

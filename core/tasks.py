@@ -326,6 +326,53 @@ class _SegmentationScorer:
         return self.matrix.compute(self.contract.labels)
 
 
+# --- embedding ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Embedding(Task):
+    """Similarity learning: one unit-length vector per image (the contract's ``embedding``:
+    dimension, metric), trained so that views of one identity lie close. A data set is an
+    ImageFolder with one folder per identity; it is scored by leave-one-out retrieval
+    (core.metrics.retrieval_metrics: recall@1, recall@5, mAP@R)."""
+
+    def result(self, outputs: Outputs, geometry: Geometry, contract: ModelContract,
+               options: Mapping[str, Any]) -> dict[str, Any]:
+        from core import postprocess
+
+        vector = postprocess.l2_normalize(outputs[contract.outputs.embedding])
+        return {"embedding": [round(float(v), 7) + 0.0 for v in vector], "dimensions": int(vector.shape[0])}
+
+    def read_dataset(self, root: Path, verify: bool = True) -> ImageFolder:
+        from core.datasets import ImageFolder
+
+        return ImageFolder(root, verify=verify)
+
+    def scorer(self, contract: ModelContract, dataset: ImageFolder) -> Scorer:
+        return _RetrievalScorer(contract.outputs.embedding or "")
+
+
+class _RetrievalScorer:
+    """Keeps every image's embedding and identity (its folder); retrieval metrics at the end."""
+
+    def __init__(self, tensor: str) -> None:
+        self.tensor = tensor
+        self.vectors: list[np.ndarray] = []
+        self.identities: list[int] = []
+
+    def add(self, sample: Sample, outputs: Outputs, geometry: Geometry) -> None:
+        self.vectors.append(outputs[self.tensor].reshape(-1))
+        self.identities.append(sample.target)
+
+    def compute(self) -> dict[str, Any]:
+        import numpy as np
+
+        from core.metrics import retrieval_metrics
+
+        if not self.vectors:
+            return retrieval_metrics(np.zeros((0, 1)), np.zeros(0, int))
+        return retrieval_metrics(np.stack(self.vectors), np.array(self.identities))
+
+
 # --- the table ---------------------------------------------------------------------------
 
 TASKS: dict[str, Task] = {t.name: t for t in (
@@ -340,4 +387,6 @@ TASKS: dict[str, Task] = {t.name: t for t in (
                          defaults={"score_threshold": 0.3, "max_detections": 100, "mask_format": "rle"}),
     Keypoints(name="keypoints", layout=LAYOUTS["keypoints"], result_key="detections", metric="oks_ap_50",
               default_resize="letterbox", defaults={"score_threshold": 0.3, "max_detections": 100}),
+    Embedding(name="embedding", layout=LAYOUTS["embedding"], result_key="embedding", metric="map_at_r",
+              default_resize="stretch"),
 )}

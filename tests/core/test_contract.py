@@ -161,3 +161,34 @@ def test_a_keypoint_contract_carries_names_skeleton_and_sigmas() -> None:
 def test_keypoint_contract_errors_are_named(doc, message) -> None:
     with pytest.raises(ContractError, match=f"^{message}"):
         ModelContract.from_dict(doc)
+
+
+def _embedding_doc(**embedding: object) -> dict:
+    return _doc(task="embedding", labels=[], embedding={"dimension": 16, "metric": "cosine", **embedding},
+                outputs={"kind": "l2_normalized", "embedding": "e"})
+
+
+def test_an_embedding_contract_carries_dimension_and_metric_and_no_labels() -> None:
+    c = ModelContract.from_dict(_embedding_doc())
+    assert c.embedding is not None and (c.embedding.dimension, c.embedding.metric) == (16, "cosine")
+    assert c.labels == [] and ModelContract.from_json(c.to_json()) == c
+    assert "embedding" not in json.loads(ModelContract.from_dict(_doc()).to_json())  # other tasks' documents unchanged
+    graph_in = [("images", "tensor(uint8)", ["n", 32, 32, 3])]
+    check_io(c, graph_in, [("e", "", ["n", 16])])
+    check_io(c, graph_in, [("e", "", ["n", "d"])])  # a symbolic length is the graph's business
+    with pytest.raises(ContractError, match=r"^embedding.dimension: the contract says 16, the graph's 'e' output"):
+        check_io(c, graph_in, [("e", "", ["n", 8])])
+
+
+@pytest.mark.parametrize("doc,message", [
+    (_embedding_doc(dimension=0), r"embedding.dimension: must be in 1..4096"),
+    (_embedding_doc(metric="l2"), r"embedding.metric: must be one of \['cosine'\]"),
+    ({**_embedding_doc(), "embedding": None}, "embedding: required for embedding"),
+    ({**_embedding_doc(), "labels": ["a"]}, "labels: a embedding model has no classes"),
+    ({**_embedding_doc(), "outputs": {"kind": "logits", "embedding": "e"}}, "outputs.kind: a embedding model's"),
+    ({**_doc(), "embedding": {"dimension": 4}}, "embedding: not part of a classification model's"),
+    ({**_doc(), "labels": []}, "labels: must list at least one class name"),
+])
+def test_embedding_contract_errors_are_named(doc, message) -> None:
+    with pytest.raises(ContractError, match=f"^{message}"):
+        ModelContract.from_dict(doc)
