@@ -65,3 +65,35 @@ class DeviceUnavailable(ConvserveError, RuntimeError):
 
 class ConfigError(ConvserveError, ValueError):
     """A setting (environment variable) has an invalid value; the message names it."""
+
+
+class GalleryError(ConvserveError):
+    """A gallery of embeddings (service.galleries) cannot do what was asked."""
+
+
+class GalleryNotFound(GalleryError, LookupError):
+    """No gallery has this name."""
+
+
+class GalleryExists(GalleryError):
+    """A gallery of this name exists already."""
+
+
+class ItemNotFound(GalleryError, LookupError):
+    """The gallery holds no item of this id."""
+
+
+class GalleryConflict(GalleryError):
+    """The gallery cannot take this request as it stands: another model version's vectors, or full."""
+
+
+class InvalidGalleryRequest(GalleryError, ValueError):
+    """A gallery name, item id, metadata, vector or search parameter is malformed or out of range."""
+
+
+class DimensionMismatch(InvalidGalleryRequest):
+    """A vector's length is not the gallery's dimension."""
+
+
+class InvalidVector(InvalidGalleryRequest):
+    """A vector holds NaN or infinity, or is all zeros."""

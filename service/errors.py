@@ -14,10 +14,15 @@ import json
 from typing import Any, NamedTuple
 
 from core.errors import (
+    GalleryConflict,
+    GalleryExists,
+    GalleryNotFound,
     ImageTooLarge,
+    InvalidGalleryRequest,
     InvalidImage,
     InvalidOption,
     InvalidVideo,
+    ItemNotFound,
     ModelNotFound,
     VideoTooLarge,
     WrongTask,
@@ -58,6 +63,11 @@ STATUS_OF: dict[type[Exception], tuple[int, str]] = {
     InvalidOption: (422, "invalid_parameter"),
     WrongTask: (422, "invalid_parameter"),
     ModelNotFound: (404, "unknown_model"),
+    GalleryNotFound: (404, "unknown_gallery"),
+    ItemNotFound: (404, "unknown_item"),
+    GalleryExists: (409, "gallery_exists"),
+    GalleryConflict: (409, "gallery_conflict"),
+    InvalidGalleryRequest: (422, "invalid_parameter"),
 }
 
 
