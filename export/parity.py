@@ -30,6 +30,8 @@ normalisation, other weights: tests/export perturbs the weights) moves outputs b
 - keypoints: the detections as above; the keypoints of twin detections within 0.05 input
   pixels (and the confidence within the bound) on >= 99% of keypoints: a keypoint moves to
   the nearest peak of its heatmap, and two peaks at equal distance may go either way.
+- embedding: every component within the bound, each image's two vectors at cosine >= 0.9999,
+  and each image's nearest neighbour among the batch the same (up to a tie within 1e-4).
 """
 
 from __future__ import annotations
@@ -200,12 +202,45 @@ def check_masks_agree(contract: ModelContract, torch_out: list[Outputs], ort_out
     return {**report, "mask_cells_compared": compared, "mask_cells_differing": off, "mask_max_diff": worst}
 
 
+EMBEDDING_MIN_COSINE = 0.9999  # one image's PyTorch and ONNX embeddings: float32 rounding keeps > 0.99999
+NEIGHBOUR_TIE = 1e-4  # cosine similarities this close are a tie
+
+
+def check_embeddings_agree(contract: ModelContract, torch_out: list[Outputs], ort_out: list[Outputs]
+                           ) -> dict[str, Any]:
+    """Embeddings: every component within the bound, each image's two vectors at cosine
+    >= EMBEDDING_MIN_COSINE, and each image's nearest other image of the batch the same in
+    both (what a gallery search returns must not change with the runtime)."""
+    name = contract.outputs.embedding or ""
+    r = np.stack([o[name] for o in torch_out]).astype(np.float64)
+    g = np.stack([o[name] for o in ort_out]).astype(np.float64)
+    diff = float(np.abs(r - g).max())
+    if (np.abs(r - g) > _tolerance(r)).any():
+        raise ParityError(f"embeddings differ by up to {diff:.3g} (bound {ATOL} + {RTOL}*|x|)")
+    unit = [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in (r, g)]
+    cosine = float((unit[0] * unit[1]).sum(axis=1).min())
+    if cosine < EMBEDDING_MIN_COSINE:
+        raise ParityError(f"an image's embeddings have cosine similarity {cosine:.6f} between PyTorch and ONNX "
+                          f"(need >= {EMBEDDING_MIN_COSINE})")
+    sims = [u @ u.T for u in unit]
+    for sim in sims:
+        np.fill_diagonal(sim, -np.inf)
+    rows = np.arange(len(r))
+    best_torch, best_onnx = sims[0].argmax(axis=1), sims[1].argmax(axis=1)
+    # ONNX's nearest is another image only if PyTorch ranks it lower by more than rounding (a tie may go either way)
+    moved = int((sims[0][rows, best_onnx] < sims[0][rows, best_torch] - NEIGHBOUR_TIE).sum()) if len(r) > 1 else 0
+    if moved:
+        raise ParityError(f"{moved} of {len(r)} images have another nearest neighbour in ONNX than in PyTorch")
+    return {"max_abs_diff": diff, "min_cosine": cosine, "nearest_neighbours_compared": len(r)}
+
+
 COMPARE: dict[str, Callable[[ModelContract, list[Outputs], list[Outputs]], dict[str, Any]]] = {
     "classification": _compare_dense,
     "segmentation": functools.partial(_compare_dense, need=0.999),
     "detection": _compare_detections,
     "keypoints": check_keypoints_agree,
     "instance_segmentation": check_masks_agree,
+    "embedding": check_embeddings_agree,
 }
 
 

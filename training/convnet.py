@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.contract import KeypointSpec, OutputSpec
+from core.contract import EmbeddingSpec, KeypointSpec, OutputSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,6 +54,7 @@ class ConvNet(nn.Module):
     last_layers: tuple[str, ...] = ()
     extras: tuple[str, ...] = ()   # optional graph outputs this model can add (OutputSpec fields)
     keypoint_spec: KeypointSpec | None = None  # keypoint models: names, skeleton, sigmas (into the contract)
+    embedding_spec: EmbeddingSpec | None = None  # embedding models: dimension, metric (into the contract)
 
     def loss(self, images: torch.Tensor, targets: Any) -> torch.Tensor:
         raise NotImplementedError

@@ -34,12 +34,14 @@ def graph_contract(model: ConvNet, task: str, classes: list[str], size: int,
                              f"it cannot have a fixed batch of {fixed_batch}")
         fixed_batch = 1
     labels = [BACKGROUND, *classes] if model.background_label else list(classes)
+    if not TASKS[task].layout.labelled:  # an embedding model's training identities are not its output
+        labels = []
     resize = TASKS[task].default_resize
     inp = InputSpec(name=INPUT_NAME, height=size, width=size, resize=resize, channels=channels or 3,
                     color=COLORS[channels or 3])
     batch = BatchSpec(dynamic=True) if fixed_batch is None else BatchSpec(dynamic=False, size=fixed_batch)
     contract = ModelContract(task=task, labels=labels, input=inp, outputs=model.output_spec, batch=batch,
-                             keypoints=model.keypoint_spec)
+                             keypoints=model.keypoint_spec, embedding=model.embedding_spec)
     contract.validate()
     return contract
 

@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.contract import NEEDS_KEYPOINTS, KeypointSpec, OutputSpec
+from core.contract import NEEDS_EMBEDDING, NEEDS_KEYPOINTS, KeypointSpec, OutputSpec
 from training import checkpoints, classifiers, segmenters
 from training.centernet import CenterNetDetector
 from training.convnet import ConvNet, Normalize, under_any
+from training.embedding import Embedder
 from training.instances import CenterNetInstances
 from training.pose import CenterNetPose
 from training.tv_detection import TorchvisionDetector, TorchvisionInstanceDetector, TorchvisionKeypointDetector
@@ -149,6 +150,12 @@ def _centernet_instances(backbone: str) -> Callable[..., ConvNet]:
     return build
 
 
+def _embedder(arch: str, num_classes: int, width_mult: float, channels: int, **options: Any) -> ConvNet:
+    """An embedding network on classifier ``arch``'s features (training.embedding); ``options``:
+    dimension, loss. ``num_classes`` (the training identities) does not shape it."""
+    return Embedder(arch, width_mult=width_mult, channels=channels, probe_side=min(default_size(arch), 64), **options)
+
+
 def _mask_rcnn(arch: str, num_classes: int, width_mult: float, channels: int) -> ConvNet:
     return TorchvisionInstanceDetector(arch, num_classes)
 
@@ -162,7 +169,8 @@ def _torchvision_detector(arch: str, num_classes: int, width_mult: float, channe
     return TorchvisionDetector(arch, num_classes)
 
 
-# Builders take (arch, classes, width_mult, channels); a keypoint model's also keypoints= (its KeypointSpec).
+# Builders take (arch, classes, width_mult, channels); a keypoint model's also keypoints= (its KeypointSpec),
+# an embedding model's its options (dimension=, loss=).
 ARCHITECTURES: dict[str, dict[str, Callable[..., ConvNet]]] = {
     "classification": {a: _classifier for a in classifiers.CLASSIFIERS},
     "segmentation": {a: _segmenter for a in segmenters.SEGMENTERS},
@@ -176,10 +184,11 @@ ARCHITECTURES: dict[str, dict[str, Callable[..., ConvNet]]] = {
     "keypoints": {"centernet_pose_mobilenet_v3_small": _centernet_pose("mobilenet_v3_small"),
                   "centernet_pose_mobilenet_v3_large": _centernet_pose("mobilenet_v3_large"),
                   "keypointrcnn_mobilenet_v3_large_320_fpn": _keypoint_rcnn},
+    "embedding": {a: _embedder for a in classifiers.CLASSIFIERS},  # a classifier's features + projection head
 }
 DEFAULT_ARCH = {"classification": "mobilenet_v3_small", "segmentation": "fpn_mobilenet_v3_large",
                 "detection": "centernet_mobilenet_v3_small", "keypoints": "centernet_pose_mobilenet_v3_small",
-                "instance_segmentation": "centernet_yolact_mobilenet_v3_small"}
+                "instance_segmentation": "centernet_yolact_mobilenet_v3_small", "embedding": "mobilenet_v3_small"}
 # Input side (pixels, square) each architecture was designed for; --size overrides it.
 DEFAULT_SIZE = {"lenet5": 32, "ssdlite320_mobilenet_v3_large": 320, "fasterrcnn_mobilenet_v3_large_320_fpn": 320,
                 "keypointrcnn_mobilenet_v3_large_320_fpn": 320, "maskrcnn_mobilenet_v3_large_320_fpn": 320,
@@ -244,9 +253,10 @@ def load_weights(model: ConvNet, path: Path | str) -> list[str]:
 
 def build_model(task: str, arch: str, num_classes: int, width_mult: float = 1.0,
                 weights: Path | str | None = None, channels: int = 3, freeze: str | None = None,
-                keypoints: KeypointSpec | None = None) -> ConvNet:
+                keypoints: KeypointSpec | None = None, embedding: dict[str, Any] | None = None) -> ConvNet:
     """Build ``arch`` for ``task`` as a :class:`ConvNet` taking ``channels`` (3 or 1) channels;
-    a keypoint model needs its ``keypoints`` (names, skeleton, sigmas: from the data).
+    a keypoint model needs its ``keypoints`` (names, skeleton, sigmas: from the data), an
+    embedding model takes its ``embedding`` options (training.embedding: dimension, loss).
 
     ``weights``: a local state-dict file to start from (:func:`load_weights`); ``freeze``
     "backbone": train only the layers sized by the class count (feature extraction).
@@ -260,7 +270,10 @@ def build_model(task: str, arch: str, num_classes: int, width_mult: float = 1.0,
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if (task in NEEDS_KEYPOINTS) != (keypoints is not None):
         raise ValueError(f"a {task} model {'needs' if task in NEEDS_KEYPOINTS else 'takes no'} keypoint names")
-    model = builder(arch, num_classes, width_mult, channels, **({"keypoints": keypoints} if keypoints else {}))
+    if embedding and task not in NEEDS_EMBEDDING:
+        raise ValueError(f"a {task} model takes no embedding options")
+    model = builder(arch, num_classes, width_mult, channels, **({"keypoints": keypoints} if keypoints else {}),
+                    **(embedding or {}))
     # torchvision's MobileNetV3 sets BatchNorm momentum 0.01, tuned for ImageNet-length runs;
     # on small datasets the running statistics then lag the weights for many epochs and
     # evaluation-mode outputs are garbage. 0.1 (PyTorch's default) tracks them in time.
@@ -288,6 +301,6 @@ def load_checkpoint(path: Path, extras: list[str] | tuple[str, ...] = ()
     cfg = ck["config"]
     spec = KeypointSpec(**cfg["keypoints"]) if cfg.get("keypoints") else None
     model = build_model(cfg["task"], cfg["arch"], len(cfg["classes"]), cfg.get("width_mult", 1.0),
-                        channels=cfg.get("channels") or 3, keypoints=spec)
+                        channels=cfg.get("channels") or 3, keypoints=spec, embedding=cfg.get("embedding"))
     model.load_state_dict(ck["model"])
     return model.with_extras(extras).eval(), cfg, ck.get("metrics", {})

@@ -1,4 +1,4 @@
-"""Train a classifier, segmenter, detector or keypoint model on a dataset directory.
+"""Train a classifier, segmenter, detector, keypoint or embedding model on a dataset directory.
 
 Usage (see README "Train on your own data")::
 
@@ -7,9 +7,9 @@ Usage (see README "Train on your own data")::
 
 Laid out like torchvision's references: :func:`train_one_epoch`, :func:`evaluate` and
 :func:`train`, which runs them and writes ``<out>/last.pt`` every epoch and
-``<out>/best.pt`` when the task's validation metric (core.tasks: top-1, mIoU, COCO mAP@.5
-or keypoint OKS AP@.5) improves. Validation scores the module that export.onnx_export turns
-into the graph, with core.evaluation, so the metrics stored in a checkpoint are those
+``<out>/best.pt`` when the task's validation metric (core.tasks: top-1, mIoU, COCO mAP@.5,
+keypoint OKS AP@.5 or retrieval mAP@R) improves. Validation scores the module that
+export.onnx_export turns into the graph, with core.evaluation, so the metrics stored in a checkpoint are those
 ``export.evaluate`` reports for its ONNX file. training.checkpoints writes and reads the
 checkpoints; ``--resume`` continues from ``<out>/last.pt``. What each task trains on is one
 entry of :data:`TASK_DATA`.
@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from core.contract import NEEDS_KEYPOINTS, KeypointSpec
+from core.contract import NEEDS_EMBEDDING, NEEDS_KEYPOINTS, KeypointSpec
 from core.errors import DatasetError
 from core.evaluation import evaluate as evaluate_predictions
 from core.tasks import TASKS
@@ -46,6 +46,7 @@ from training.datasets import (
     detection_collate,
     seed_worker,
 )
+from training.embedding import DEFAULT_DIMENSION, DEFAULT_LOSS, LOSSES
 from training.graph import graph_contract, predictor
 from training.models import DEFAULT_ARCH, ConvNet, build_model, default_size
 
@@ -53,10 +54,30 @@ from training.models import DEFAULT_ARCH, ConvNet, build_model, default_size
 @dataclass(frozen=True)
 class TaskData:
     """What a task trains on: its dataset class (``(root, size, augment=, channels=)``, with
-    ``classes``) and how a batch is put together (None: PyTorch's default stacking)."""
+    ``classes``), how a batch is put together (None: PyTorch's default stacking), which
+    sampler draws the batches (``(dataset, config) -> Sampler``; None: shuffled) and whether
+    the validation set holds the training set's classes (not for identities: an embedding
+    model is validated on identities it never saw) and whether mirrored images may train it."""
 
     dataset: Callable[..., Dataset]
     collate: Callable[[list[Any]], Any] | None = None
+    sampler: Callable[[Any, TrainConfig], Any] | None = None
+    same_classes: bool = True
+    flips: bool = True  # horizontal flips as augmentation (a mirrored identity is another one)
+
+
+def identity_batches(dataset: ImageFolderDataset, cfg: TrainConfig) -> Any:
+    """Batches of ``views_per_identity`` views of each of batch / views identities
+    (pytorch-metric-learning's MPerClassSampler: every anchor has positives in its batch);
+    one pass is as long as the data set."""
+    from pytorch_metric_learning.samplers import MPerClassSampler
+
+    if cfg.batch_size % cfg.views_per_identity:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --views-per-identity "
+                         f"{cfg.views_per_identity}")
+    labels = [s.target for s in dataset.samples]
+    return MPerClassSampler(labels, cfg.views_per_identity, batch_size=cfg.batch_size,
+                            length_before_new_iter=max(len(labels) // cfg.batch_size, 1) * cfg.batch_size)
 
 
 TASK_DATA: dict[str, TaskData] = {
@@ -66,6 +87,8 @@ TASK_DATA: dict[str, TaskData] = {
     "keypoints": TaskData(CocoDetectionDataset, detection_collate),  # targets also hold keypoints [K, P, 3]
     # targets also hold each object's mask [K, H, W]
     "instance_segmentation": TaskData(functools.partial(CocoDetectionDataset, masks=True), detection_collate),
+    # one folder per identity; validated by retrieval among identities the training never saw
+    "embedding": TaskData(ImageFolderDataset, sampler=identity_batches, same_classes=False, flips=False),
 }
 
 
@@ -90,6 +113,8 @@ class TrainConfig:
     max_steps: int | None = None      # stop early after this many optimiser steps (tests, smoke runs)
     classes: list[str] = field(default_factory=list)
     keypoints: dict[str, Any] | None = None  # keypoint tasks: the data's KeypointSpec (names, skeleton, sigmas)
+    embedding: dict[str, Any] | None = None  # embedding tasks: training.embedding's options (dimension, loss)
+    views_per_identity: int = 4              # embedding tasks: views of each identity in a batch
 
 
 def seed_everything(seed: int) -> None:
@@ -111,9 +136,9 @@ def make_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
     """(train, val) datasets; the validation set must list the training set's classes."""
     dataset = TASK_DATA[cfg.task].dataset
     size = (cfg.size, cfg.size)
-    train_ds = dataset(cfg.train, size, augment=True, channels=cfg.channels or 3)
+    train_ds = dataset(cfg.train, size, augment=TASK_DATA[cfg.task].flips, channels=cfg.channels or 3)
     val_ds = dataset(cfg.val, size, channels=cfg.channels or 3)
-    if val_ds.classes != train_ds.classes:
+    if TASK_DATA[cfg.task].same_classes and val_ds.classes != train_ds.classes:
         raise DatasetError(f"{cfg.val}: classes {val_ds.classes} differ from the training set's {train_ds.classes}")
     if cfg.task in NEEDS_KEYPOINTS:
         names = (train_ds.data.keypoint_names, val_ds.data.keypoint_names)
@@ -178,12 +203,18 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     cfg.classes = list(train_ds.classes)
     if cfg.task in NEEDS_KEYPOINTS:
         cfg.keypoints = asdict(keypoint_spec(train_ds))
-    train_dl = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                          collate_fn=TASK_DATA[cfg.task].collate, generator=torch.Generator().manual_seed(cfg.seed),
+    if cfg.task in NEEDS_EMBEDDING and cfg.embedding is None:
+        cfg.embedding = {"dimension": DEFAULT_DIMENSION, "loss": DEFAULT_LOSS}
+    data = TASK_DATA[cfg.task]
+    sampler = data.sampler(train_ds, cfg) if data.sampler else None
+    train_dl = DataLoader(train_ds, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                          num_workers=cfg.workers, collate_fn=data.collate,
+                          generator=torch.Generator().manual_seed(cfg.seed),
                           drop_last=len(train_ds) > cfg.batch_size, persistent_workers=cfg.workers > 0,
                           worker_init_fn=seed_worker)
     model = build_model(cfg.task, cfg.arch, len(cfg.classes), cfg.width_mult, cfg.weights, cfg.channels,
-                        cfg.freeze, KeypointSpec(**cfg.keypoints) if cfg.keypoints else None).to(device)
+                        cfg.freeze, KeypointSpec(**cfg.keypoints) if cfg.keypoints else None,
+                        cfg.embedding).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * len(train_dl)
@@ -251,13 +282,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--freeze", choices=["backbone"],
                    help="with --weights: train only the new head (feature extraction)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--loss", choices=sorted(LOSSES), default=DEFAULT_LOSS,
+                   help="embedding: triplets with batch-hard mining, or contrastive pairs (Siamese)")
+    p.add_argument("--dimension", type=int, default=DEFAULT_DIMENSION, help="embedding: the vectors' length")
+    p.add_argument("--views-per-identity", type=int, default=4,
+                   help="embedding: views of each identity in a batch (the batch size must be a multiple)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     a = p.parse_args(argv)
     arch = a.arch or DEFAULT_ARCH[a.task]
     cfg = TrainConfig(task=a.task, train=a.train, val=a.val, arch=arch, size=a.size or default_size(arch),
                       width_mult=a.width_mult, channels=a.channels or 0, freeze=a.freeze, epochs=a.epochs,
                       batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, workers=a.workers,
-                      device=a.device, weights=a.weights, max_steps=a.max_steps)
+                      device=a.device, weights=a.weights, max_steps=a.max_steps,
+                      views_per_identity=a.views_per_identity,
+                      embedding={"dimension": a.dimension, "loss": a.loss} if a.task in NEEDS_EMBEDDING else None)
     try:
         best = train(cfg, a.out, resume=a.resume)
     except DatasetError as exc:

@@ -12,14 +12,18 @@ from core.contract import METADATA_KEY, ModelContract
 
 
 def contract(task: str, outputs: dict[str, Any], labels: tuple[str, ...] = ("bg", "a", "b"),
-             batch: dict[str, Any] | None = None, keypoints: dict[str, Any] | None = None) -> ModelContract:
-    """A validated contract of an 8x8 ``task`` model with ``outputs`` (and ``batch``, ``keypoints``)."""
+             batch: dict[str, Any] | None = None, keypoints: dict[str, Any] | None = None,
+             embedding: dict[str, Any] | None = None) -> ModelContract:
+    """A validated contract of an 8x8 ``task`` model with ``outputs`` (and ``batch``, ``keypoints``,
+    ``embedding``)."""
     doc: dict[str, Any] = {"task": task, "labels": list(labels), "input": {"name": "images", "height": 8, "width": 8},
                            "outputs": outputs}
     if batch:
         doc["batch"] = batch
     if keypoints:
         doc["keypoints"] = keypoints
+    if embedding:
+        doc["embedding"] = embedding
     return ModelContract.from_dict(doc)
 
 
