@@ -4,8 +4,9 @@ An :class:`Endpoint` is what HTTP adds to a task (core.tasks): its path, a summa
 API documentation, the request options with their ranges and OpenAPI schemas, which models
 it serves (a task, plus the outputs it needs), whether its result is heavy enough to leave
 the event loop, and how one image's outputs become its JSON answer. One endpoint per task
-(``/classify``, ``/detect``, ``/segment``, ``/instances``, ``/keypoints``) answers with the task's own
-result; ``/embed`` answers classification models that carry an embedding output.
+(``/classify``, ``/detect``, ``/segment``, ``/instances``, ``/keypoints``, ``/embed``) answers with the
+task's own result; ``/embed`` (the embedding task's) also answers classification models that
+carry an embedding output (their penultimate features).
 
 Plain data, like core.tasks: reading the table (the routes, BentoML's supervisor) loads no
 array stack.
@@ -99,10 +100,16 @@ class Endpoint:
     heavy_options: tuple[str, ...] = ()  # true boolean options that make the result cost milliseconds
     heavy: bool = False                # the result costs milliseconds whatever the options (masks)
     drawable: bool = True              # render=png|jpeg draws the answer on the image (service.render)
+    also_tasks: tuple[str, ...] = ()   # other tasks whose models serve here when they carry ``requires``
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks whose models this endpoint serves, its own first."""
+        return (self.task.name, *self.also_tasks)
 
     def serves(self, contract: ModelContract) -> bool:
         """Whether a model with ``contract`` can answer this endpoint (its task and outputs)."""
-        return contract.task == self.task.name and all(getattr(contract.outputs, f) for f in self.requires)
+        return contract.task in self.tasks and all(getattr(contract.outputs, f) for f in self.requires)
 
     def check_request(self, contract: ModelContract, options: Mapping[str, Any]) -> None:
         """InvalidOption when ``options`` ask for an output this model does not carry."""
@@ -134,15 +141,6 @@ def _option(task: str, name: str, type_: type, description: str, *args: Any, **k
     return Option(name, type_, TASKS[task].defaults[name], description, *args, **kw)
 
 
-def embedding_result(outputs: Outputs, geometry: Geometry, contract: ModelContract,
-                     options: Mapping[str, Any]) -> dict[str, Any]:
-    """/embed's answer: the embedding output, L2-normalised, rounded to 7 decimals (no -0.0)."""
-    from core import postprocess
-
-    vector = postprocess.l2_normalize(outputs[contract.outputs.embedding])
-    return {"embedding": [round(float(v), 7) + 0.0 for v in vector], "dimensions": int(vector.shape[0])}
-
-
 def _endpoint(name: str, task: str, summary: str, options: tuple[Option, ...] = (), model: Option = _MODEL,
               **kw: Any) -> Endpoint:
     t = TASKS[task]
@@ -155,7 +153,7 @@ def _endpoint(name: str, task: str, summary: str, options: tuple[Option, ...] = 
 FRAME_STEP = Option("frame_step", int, 1, "videos only: answer every n-th frame (1: every frame)", 1, 10_000)
 VIDEO_OPTIONS = (FRAME_STEP,)
 
-# Every POST route: one per task, plus /embed.
+# Every POST route: one per task.
 ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (
     _endpoint("classify", "classification", "Top-k labels with softmax scores, best first.",
               options=(_option("classification", "top_k", int, "how many labels to return, best first", 1, 1000),
@@ -189,11 +187,11 @@ ENDPOINTS: dict[str, Endpoint] = {e.name: e for e in (
               options=(_option("keypoints", "score_threshold", float, "drop objects scoring below this", 0.0, 1.0),
                        _option("keypoints", "max_detections", int, "keep at most this many objects, best first",
                                1, 1000))),
-    _endpoint("embed", "classification", "The image's embedding: a classifier's penultimate features, "
-              "L2-normalised (cosine similarity = dot product).", result=embedding_result, result_key="embedding",
-              requires=("embedding",), drawable=False,
-              model=Option("model", str, "", "model name or name:version; empty = the first classification "
-                                  "model with an embedding output")),
+    _endpoint("embed", "embedding", "The image's embedding, L2-normalised (cosine similarity = dot product): an "
+              "embedding model's metric-learned vector, or a classifier's penultimate features.",
+              requires=("embedding",), drawable=False, also_tasks=("classification",),
+              model=Option("model", str, "", "model name or name:version; empty = the first embedding model, "
+                                  "else the first classification model with an embedding output")),
 )}
 # The endpoint that answers with each task's own result (GET /models names it per model).
 TASK_ENDPOINTS: dict[str, Endpoint] = {e.task.name: e for e in ENDPOINTS.values() if e.result == e.task.result}

@@ -202,6 +202,7 @@ class ServedModel:
                       "layout": c.input.layout},
             "outputs": {k: v for k, v in (("embedding", c.outputs.embedding), ("cam", c.outputs.cam)) if v},
             **({"keypoints": dataclasses.asdict(c.keypoints)} if c.keypoints else {}),
+            **({"embedding": dataclasses.asdict(c.embedding)} if c.embedding else {}),
             "batch": {"dynamic": c.batch.dynamic, "size": c.batch.size, "max_batch": self.batcher.max_batch,
                       "target_ms": round(self.batcher.target_s * 1e3, 1) if self.batcher.target_s else None,
                       "limit_now": self.batcher.batch_limit()},
@@ -312,15 +313,17 @@ class ModelRepository:
         first model by name that serves the endpoint). ModelNotFound or WrongTask."""
         models = self.models  # one snapshot: a reload swaps the dict, it never edits it in place
         if not ref:
-            candidates = sorted(n for n, vs in models.items() if endpoint.serves(vs[_highest(vs)].model.contract))
+            contracts = {n: vs[_highest(vs)].model.contract for n, vs in models.items()}
+            # the endpoint's own task first (/embed: embedding models before classifiers' features), then by name
+            candidates = sorted((endpoint.tasks.index(c.task), n) for n, c in contracts.items() if endpoint.serves(c))
             if not candidates:
                 raise ModelNotFound(f"no model that serves /{endpoint.name} is loaded")
-            ref = candidates[0]
+            ref = candidates[0][1]
         name, _, version = ref.partition(":")
         served = self.lookup(name, version or None, models)
         c = served.model.contract
-        if c.task != endpoint.task.name:
-            raise WrongTask(f"model {served.ref} is a {c.task} model, not {endpoint.task.name}; "
+        if c.task not in endpoint.tasks:
+            raise WrongTask(f"model {served.ref} is a {c.task} model, not {' or '.join(endpoint.tasks)}; "
                             f"use /{TASK_ENDPOINTS[c.task].name}")
         if not endpoint.serves(c):
             raise WrongTask(f"model {served.ref} has no {', '.join(endpoint.requires)} output, so it cannot serve "

@@ -149,6 +149,7 @@ TASK_TENSORS: dict[str, TaskTensors] = {
     "keypoints": TaskTensors({**_DETECTION_OUTPUTS, "detection_keypoints": ("FP32", [-1, -1, -1, 3])},
                              keypoint_tensors),
     "segmentation": TaskTensors({"class_map": ("UINT8", [-1, -1, -1])}, class_map_tensors),
+    "embedding": TaskTensors({}, lambda *_: {}),  # the graph's own embedding output, FP32 [N, D]
 }
 
 

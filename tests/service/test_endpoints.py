@@ -1,4 +1,4 @@
-"""The HTTP endpoints (service.endpoints): one per task plus /embed, their options, which
+"""The HTTP endpoints (service.endpoints): one per task (/embed the embedding task's), their options, which
 models they serve, and their results."""
 
 import numpy as np
@@ -14,7 +14,7 @@ BY_ENDPOINT = {e.name: e for e in TASK_ENDPOINTS.values()}
 
 
 def test_every_task_has_an_endpoint_a_metric_and_options() -> None:
-    assert set(BY_ENDPOINT) == {"classify", "detect", "segment", "instances", "keypoints"}
+    assert set(BY_ENDPOINT) == {"classify", "detect", "segment", "instances", "keypoints", "embed"}
     for name, task in TASKS.items():
         endpoint = TASK_ENDPOINTS[name]
         assert endpoint.task is task and task.name == name
