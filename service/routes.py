@@ -27,15 +27,26 @@ from service.endpoints import ENDPOINTS, Endpoint
 from service.errors import send_response
 from service.schemas import (
     ERROR_RESPONSES,
+    GALLERY_ERRORS,
     RESPONSES,
     V2_ERROR_RESPONSES,
+    GalleryCreate,
+    GalleryDeleted,
+    GalleryInfo,
+    GalleryList,
+    ItemAdded,
+    ItemList,
+    ItemRemoved,
+    SearchAnswer,
     V2InferRequest,
     V2InferResponse,
     V2ModelMetadata,
     V2RepositoryEntry,
     V2ServerMetadata,
     endpoint_request,
+    image_request,
     path_parameters,
+    query_parameters,
 )
 from service.uploads import IMAGE_FIELD, RAW_TYPES, VIDEO_FIELD, VIDEO_TYPES, read_body, read_upload
 from service.worker import Worker, worker_of
@@ -254,5 +265,55 @@ def _v2_routes() -> list[Route]:
     return routes
 
 
+# --- galleries ----------------------------------------------------------------------------------
+
+_GALLERY_PATHS = {"name": "the gallery's name", "item_id": "the item's id"}
+
+
+def _admitted(route: str, handle: Handler) -> RawHandler:
+    async def raw(scope: Scope, receive: Receive, send: Send) -> None:
+        await serve_admitted(scope, receive, send, route, handle)
+
+    return raw
+
+
+def _gallery_routes() -> list[Route]:
+    """/galleries (service.galleries): create, list, drop; add, list and remove items; search by image."""
+    from service import galleries as g
+
+    tags = ["galleries"]
+
+    def route(path: str, method: str, name: str, handle: Handler, summary: str, response: Any,
+              extra: dict[str, Any] | None = None, status: int = 200, **doc: Any) -> Route:
+        openapi = {**(extra or {})}
+        openapi["parameters"] = [*path_parameters(path, _GALLERY_PATHS), *openapi.get("parameters", [])]
+        return Route(path, [method], _admitted(name, handle), dict(
+            name=name, summary=summary, tags=tags, response_model=response, status_code=status,
+            responses=GALLERY_ERRORS, openapi_extra=openapi, **doc))
+
+    one = "/galleries/{name}"
+    return [
+        route("/galleries", "GET", "galleries", g.list_galleries, "Every gallery, by name", GalleryList),
+        route("/galleries", "POST", "galleries_create", g.create_gallery,
+              "Create a gallery bound to an embedding model version (JSON: name, model)", GalleryInfo,
+              status=201, endpoint=_gallery_create_doc),
+        route(one, "GET", "gallery", g.get_gallery, "A gallery: its model, dimension and item count", GalleryInfo),
+        route(one, "DELETE", "gallery_drop", g.drop_gallery, "Delete a gallery and its items", GalleryDeleted),
+        route(f"{one}/items", "POST", "galleries_add", g.add_item,
+              "Add an image (embedded by the gallery's model) with an id and JSON metadata; an id again replaces it",
+              ItemAdded, image_request(g.ITEM_OPTIONS, IMAGE_FIELD, RAW_TYPES), status=201),
+        route(f"{one}/items", "GET", "gallery_items", g.list_items, "The gallery's items, in the order they were "
+              "added, a page at a time", ItemList, {"parameters": query_parameters(g.PAGE_OPTIONS)}),
+        route(f"{one}/items/{{item_id}}", "DELETE", "gallery_remove", g.remove_item, "Remove an item", ItemRemoved),
+        route(f"{one}/search", "POST", "galleries_search", g.search,
+              "The k items most similar to an image (cosine similarity of the gallery model's embeddings)",
+              SearchAnswer, image_request(g.SEARCH_OPTIONS, IMAGE_FIELD, RAW_TYPES)),
+    ]
+
+
+async def _gallery_create_doc(request: GalleryCreate = Body(...)) -> Response:  # documents the JSON body
+    raise NotImplementedError
+
+
 # Every raw route, in registration order.
-ROUTES: list[Route] = [*(_endpoint_route(e) for e in ENDPOINTS.values()), *_v2_routes()]
+ROUTES: list[Route] = [*(_endpoint_route(e) for e in ENDPOINTS.values()), *_v2_routes(), *_gallery_routes()]

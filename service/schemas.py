@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from service.endpoints import VIDEO_OPTIONS
+from service.endpoints import VIDEO_OPTIONS, Option
 
 if TYPE_CHECKING:
     from service.endpoints import Endpoint
@@ -231,6 +231,11 @@ class KeypointSchema(BaseModel):
     sigmas: list[float] = Field(description="COCO OKS sigma per keypoint (pycocotools' kpt_oks_sigmas)")
 
 
+class EmbeddingSchema(BaseModel):
+    dimension: int = Field(description="the length of each embedding")
+    metric: str = Field(description="how embeddings compare: cosine (unit vectors, so the dot product)")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -239,10 +244,12 @@ class ModelInfo(BaseModel):
     endpoint: str
     endpoints: list[str] = Field(description="every route that serves this model (e.g. /classify and /embed)")
     precision: str
-    labels: list[str]
+    labels: list[str] = Field(description="class names (empty for an embedding model)")
     input: ModelInput
     outputs: dict[str, str] = Field(description="optional outputs the model carries: embedding, cam")
     keypoints: KeypointSchema | None = Field(None, description="keypoint models: what their keypoints are")
+    embedding: EmbeddingSchema | None = Field(None, description="embedding models: their vectors' dimension and "
+                                              "metric (galleries are bound to one model version)")
     batch: ModelBatch
     placement: ModelPlacement
     providers: list[str] = Field(description="the ONNX Runtime execution providers it really runs on")
@@ -404,9 +411,108 @@ def endpoint_request(endpoint: Endpoint, image_field: str, raw_types: tuple[str,
     }
 
 
-def path_parameters(path: str) -> list[dict[str, Any]]:
+def path_parameters(path: str, described: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The ``{name}`` parameters of a raw route's path, for the document (FastAPI finds them
-    only in an endpoint function's signature)."""
+    only in an endpoint function's signature); ``described``: their descriptions (the
+    model's name and version by default)."""
     names = [part[1:-1] for part in path.split("/") if part.startswith("{") and part.endswith("}")]
+    described = described or {"name": "the model's name", "version": "the model's version"}
     return [{"name": n, "in": "path", "required": True, "schema": {"type": "string"},
-             "description": {"name": "the model's name", "version": "the model's version"}.get(n, n)} for n in names]
+             "description": described.get(n, n)} for n in names]
+
+
+# --- galleries (service.galleries) ------------------------------------------------------------
+
+class GalleryInfo(BaseModel):
+    name: str
+    model: ModelRef = Field(description="the model version whose embeddings the gallery holds; it refuses any other")
+    dimension: int
+    metric: str = Field(description="cosine: scores are cosine similarities (-1..1)")
+    count: int = Field(description="items in the gallery")
+    created_at: float = Field(description="Unix time")
+
+
+class GalleryList(BaseModel):
+    galleries: list[GalleryInfo]
+
+
+class GalleryCreate(BaseModel):
+    name: str = Field(description="1-128 characters: letters, digits, '.', '_' and '-', starting with a letter or "
+                                  "digit; unique")
+    model: str = Field("", description="a model /embed serves, name or name:version; empty: /embed's default")
+
+
+class GalleryDeleted(BaseModel):
+    deleted: str
+
+
+class GalleryTiming(Timing):
+    store_ms: float | None = Field(None, description="adding: writing the item durably")
+    search_ms: float | None = Field(None, description="searching: finding the nearest items")
+
+
+class ItemAdded(BaseModel):
+    gallery: str
+    id: str = Field(description="the item's id (given, or a random UUID)")
+    count: int = Field(description="items in the gallery now")
+    model: ModelRef
+    timing: GalleryTiming
+
+
+class GalleryItem(BaseModel):
+    id: str
+    metadata: dict[str, Any]
+    added_at: float = Field(description="Unix time")
+
+
+class ItemList(BaseModel):
+    gallery: str
+    count: int
+    offset: int
+    limit: int
+    items: list[GalleryItem] = Field(description="in the order they were added")
+
+
+class ItemRemoved(BaseModel):
+    gallery: str
+    removed: str
+
+
+class Match(BaseModel):
+    id: str
+    score: float = Field(description="cosine similarity to the query image (1: the same embedding)")
+    metadata: dict[str, Any]
+
+
+class SearchAnswer(BaseModel):
+    gallery: str
+    model: ModelRef
+    matches: list[Match] = Field(description="the k nearest items at or above the threshold, best first")
+    timing: GalleryTiming
+
+
+GALLERY_ERRORS: dict[int | str, dict[str, Any]] = {
+    **{s: ERROR_RESPONSES[s] for s in (400, 401, 408, 413, 415, 503)},
+    404: {"description": "no such gallery, or no such item", "model": ErrorBody},
+    409: {"description": "the gallery exists already, or holds another model version's vectors (or that version is "
+                         "no longer loaded), or the galleries are full (CONVSERVE_GALLERY_MAX_ITEMS)",
+          "model": ErrorBody},
+    422: {"description": "a bad name, id, metadata, k or threshold, an unknown option, not exactly one image, or a "
+                         "model /embed does not serve", "model": ErrorBody},
+}
+
+
+def query_parameters(options: tuple[Option, ...]) -> list[dict[str, Any]]:
+    """``options`` as OpenAPI query parameters."""
+    return [{"name": o.name, "in": "query", "required": False, "schema": o.json_schema(),
+             "description": o.description} for o in options]
+
+
+def image_request(options: tuple[Option, ...], image_field: str, raw_types: tuple[str, ...]) -> dict[str, Any]:
+    """The requestBody and query parameters of a route that takes one image and ``options``."""
+    image = {"type": "string", "format": "binary", "description": "an image file (JPEG, PNG, WebP, BMP, TIFF, GIF)"}
+    form = {"type": "object", "required": [image_field],
+            "properties": {image_field: image, **{o.name: o.json_schema() for o in options}}}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form}, "image/*": RAW_BODY, **{t: RAW_BODY for t in raw_types}}},
+        "parameters": query_parameters(options)}

@@ -38,6 +38,10 @@
 | CONVSERVE_HEAD_TIMEOUT_S | 10 | seconds from connecting (or a head's first byte) to the head's end; then closed |
 | CONVSERVE_GRPC_PORT | 8001 | port of the v2 gRPC service, shared by every worker (0: no gRPC; service.grpc_v2) |
 | CONVSERVE_GRPC_HOST | 0.0.0.0 | address the gRPC service listens on |
+| CONVSERVE_GALLERY_URL | sqlite:///galleries.sqlite3 | galleries: sqlite:///<file> (the working directory's) |
+|   |   | or postgresql://... (PostgreSQL with pgvector; service.galleries) |
+| CONVSERVE_GALLERY_MAX_ITEMS | 250000 | items of all galleries together (each worker caches their vectors) |
+| CONVSERVE_GALLERY_MAX_METADATA_BYTES | 4096 | an item's metadata, as compact JSON |
 | CONVSERVE_KEEPALIVE_S | 5 | seconds an idle keep-alive connection stays open between requests (BentoML's default) |
 """
 
@@ -53,6 +57,8 @@ from core.errors import ConfigError
 DEFAULT_MODEL_ROOT = Path(__file__).resolve().parent.parent / "models"
 DEVICES = ("auto", "cpu", "cuda")
 PLACEMENTS = ("auto", "narrow", "wide", "both")  # service.placement.MODES, or measured
+DEFAULT_GALLERY_URL = "sqlite:///galleries.sqlite3"
+GALLERY_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
 CORES_PER_WORKER = 4  # one worker's event loop answers ~4 cores' worth of light-model requests (README "Heavy models")
 
 
@@ -69,6 +75,13 @@ def _number(name: str, default: Any, minimum: Any, kind: type) -> Any:
     if not value >= minimum:  # also refuses NaN
         raise ConfigError(f"{name}={value} must be >= {minimum}")
     return value
+
+
+def _gallery_url() -> str:
+    url = os.environ.get("CONVSERVE_GALLERY_URL", "").strip() or DEFAULT_GALLERY_URL
+    if not url.startswith(GALLERY_SCHEMES) or url in GALLERY_SCHEMES:
+        raise ConfigError(f"CONVSERVE_GALLERY_URL must be sqlite:///<file> or postgresql://..., got {url[:60]!r}")
+    return url
 
 
 def _int(name: str, default: int, minimum: int = 0) -> int:
@@ -199,6 +212,9 @@ class Settings:
     grpc_host: str = "0.0.0.0"
     batch_target_ms: float | None = None  # None: service.batch_cost.default_target
     machine: MachineDefaults | None = None  # what the core count decided
+    gallery_url: str = DEFAULT_GALLERY_URL  # CONVSERVE_GALLERY_URL (service.galleries)
+    gallery_max_items: int = 250_000
+    gallery_max_metadata_bytes: int = 4096
 
     def max_batch_for(self, providers: list[str]) -> int:
         """CONVSERVE_MAX_BATCH, or the default for where the model runs: on a CPU larger
@@ -257,4 +273,7 @@ class Settings:
             grpc_host=os.environ.get("CONVSERVE_GRPC_HOST", "").strip() or "0.0.0.0",
             batch_target_ms=_float("CONVSERVE_BATCH_TARGET_MS", 0.0, 0.0) or None,
             machine=machine,
+            gallery_url=_gallery_url(),
+            gallery_max_items=_int("CONVSERVE_GALLERY_MAX_ITEMS", 250_000, 1),
+            gallery_max_metadata_bytes=_int("CONVSERVE_GALLERY_MAX_METADATA_BYTES", 4096, 2),
         )

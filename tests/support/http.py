@@ -34,19 +34,20 @@ def multipart_body(parts: list[tuple[str, str | None, bytes]], boundary: str = B
 
 
 def post(url: str, files: dict[str, tuple[str, bytes]] | None = None, fields: dict[str, str] | None = None,
-         timeout: float = 60) -> Response:
+         timeout: float = 60, headers: dict[str, str] | None = None) -> Response:
     """multipart/form-data POST (the fields, then the files); returns (status, headers, parsed JSON or raw text)."""
     boundary = uuid.uuid4().hex
     parts = [(name, None, str(value).encode()) for name, value in (fields or {}).items()]
     parts += [(name, filename, data) for name, (filename, data) in (files or {}).items()]
     body = multipart_body(parts, boundary, file_type="application/octet-stream")
     req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                          **(headers or {})})
     return _send(req, timeout)
 
 
-def get(url: str, timeout: float = 30) -> Response:
-    return _send(urllib.request.Request(url), timeout)
+def get(url: str, timeout: float = 30, headers: dict[str, str] | None = None) -> Response:
+    return _send(urllib.request.Request(url, headers=headers or {}), timeout)
 
 
 def request(url: str, method: str, path: str, body: Any = b"", headers: dict[str, str] | None = None,

@@ -39,6 +39,8 @@ def start_server(model_root: Path, log: Path, env: dict[str, str] | None = None,
     # on one port would share each other's gRPC connections.
     full_env = {**os.environ, "CONVSERVE_MODEL_ROOT": str(model_root), "BENTOML_DO_NOT_TRACK": "true",
                 "BENTOML_HOME": str(home), "CONVSERVE_GRPC_PORT": str(free_port()), "CONVSERVE_GRPC_HOST": "127.0.0.1",
+                # galleries beside the log, never in the checkout
+                "CONVSERVE_GALLERY_URL": f"sqlite:///{log.parent / f'galleries-{port}.db'}",
                 **(env or {})}
     fh = open(log, "wb")
     proc = subprocess.Popen(
