@@ -1,6 +1,7 @@
 """The playground in a real headless Chromium (Debian's chromium, driven by Playwright): pick a
 model, upload an image, wait for the drawing, and check the page's answer and the pixels of a
-screenshot; a file that is not an image shows the service's error message.
+screenshot; a file that is not an image shows the service's error message; an embedding model
+enrols images in a gallery and searches it.
 
 Needs ``apt-get install chromium`` (``.ci/run`` installs it); skipped, saying so, where no
 browser is installed."""
@@ -8,7 +9,9 @@ browser is installed."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +77,13 @@ def page(server, browser, csp_messages) -> Iterator:
 def _upload(page, path: Path) -> None:
     page.evaluate("document.body.dataset.state = ''")
     page.set_input_files("#file", str(path))
+    page.wait_for_function("() => ['done', 'error'].includes(document.body.dataset.state)", timeout=30000)
+
+
+def _settle(page, action) -> None:
+    """Does ``action`` (a click, a choice) and waits until the page has its answer or its error."""
+    page.evaluate("document.body.dataset.state = ''")
+    action()
     page.wait_for_function("() => ['done', 'error'].includes(document.body.dataset.state)", timeout=30000)
 
 
@@ -216,6 +226,58 @@ def test_a_bad_file_shows_the_services_message(page, tmp_path) -> None:
     _upload(page, good)
     assert page.text_content("#status").startswith("Done:")
     page.screenshot(path=str(tmp_path / "playground.png"))
+
+
+def test_an_embedding_model_enrols_in_and_searches_a_gallery(page, tmp_path) -> None:
+    """shapes-identities: the embedding's dimension and first values instead of a drawing; two
+    identities enrolled (ids first, second) in a new gallery, then a search with the first image
+    lists first (score 1.000) before second; a search in a gallery that does not exist shows the
+    service's 404 message."""
+    from training.identities import write_identities
+
+    write_identities(tmp_path / "ids", 2, 1, seed=5, size=96)
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    first.write_bytes((tmp_path / "ids" / "id-00000" / "0000.png").read_bytes())
+    second.write_bytes((tmp_path / "ids" / "id-00001" / "0000.png").read_bytes())
+    page.select_option("#model", "shapes-identities:1")
+    assert page.locator("#gallery").is_visible() and page.input_value("#gallery_name") == "playground"
+    _upload(page, first)
+    answer = page.evaluate("window.lastAnswer")
+    assert answer["dimensions"] == len(answer["embedding"]) == 128
+    assert page.text_content("#status") == "Done: a 128-dimensional embedding"
+    summary = page.text_content("#embedding")
+    assert summary.startswith("128 dimensions (cosine), the first 8: [")
+    assert all(f"{v:.4f}" in summary for v in answer["embedding"][:8]), summary
+    assert page.input_value("#item_id") == "a.png"  # the file's name, until another is typed
+
+    name = f"playground-test-{uuid.uuid4().hex[:8]}"
+    page.fill("#gallery_name", name)
+    page.fill("#item_id", "first")
+    _settle(page, lambda: page.click("#enrol"))
+    assert page.text_content("#status") == f"Done: enrolled first in the new gallery {name} (1 item)"
+    _upload(page, second)
+    assert page.input_value("#item_id") == "b.png"
+    page.fill("#item_id", "second")
+    _settle(page, lambda: page.click("#enrol"))
+    assert page.text_content("#status") == f"Done: enrolled second in gallery {name} (2 items)"
+
+    _upload(page, first)
+    _settle(page, lambda: page.click("#search"))
+    assert page.text_content("#status") == f"Done: 2 match(es) in gallery {name}, the nearest first (1.000)"
+    rows = [row.locator("td").all_text_contents() for row in page.locator("#matches tbody tr").all()]
+    assert [r[0] for r in rows] == ["first", "second"], rows
+    assert rows[0][1] == "1.000" and float(rows[1][1]) < 1.0, rows
+    assert [json.loads(r[2]) for r in rows] == [{"file": "a.png"}, {"file": "b.png"}]
+    assert "search" in page.text_content("#timing")
+
+    page.fill("#gallery_name", "no-such-gallery")
+    _settle(page, lambda: page.click("#search"))
+    assert page.text_content("#status") == "404: there is no gallery 'no-such-gallery'"
+    assert page.get_attribute("#status", "class") == "error" and page.locator("#matches").is_hidden()
+
+    _settle(page, lambda: page.select_option("#model", "shapes-classifier:1"))  # the panel is the embedding's
+    assert page.locator("#gallery").is_hidden() and page.text_content("#embedding") == ""
+    assert page.evaluate("window.cspViolations || []") == []
 
 
 def test_the_playground_works_under_its_content_security_policy(page, csp_messages, tmp_path) -> None:

@@ -1,5 +1,6 @@
 // convserve playground: plain JavaScript, no build step, nothing loaded from elsewhere.
-// Calls the service's own task endpoints and draws their answers on the image.
+// Calls the service's own task endpoints and draws their answers on the image; with an embedding
+// model, enrols the image in a gallery (/galleries) or searches one with it.
 "use strict";
 
 // The same colours as service/render.py (Tableau 10), by label_id.
@@ -7,8 +8,11 @@ const PALETTE = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [
                  [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]];
 const colour = (id, a = 1) => { const [r, g, b] = PALETTE[id % PALETTE.length]; return `rgba(${r},${g},${b},${a})`; };
 const ENDPOINT = {classification: "classify", detection: "detect", segmentation: "segment", keypoints: "keypoints",
-                  instance_segmentation: "instances"};
+                  instance_segmentation: "instances", embedding: "embed"};
 const KEYPOINT_DRAW_SCORE = 0.3;  // as service/render.py: less certain keypoints are answered, not drawn
+const EMBEDDING_SHOWN = 8;  // the first values of an embedding, shown under the image
+const SEARCH_K = 5;  // matches a gallery search lists
+const DEFAULT_GALLERY = "playground";
 const $ = (id) => document.getElementById(id);
 const base = new URL("..", window.location.href);  // the service's root, wherever it is mounted
 let models = [];
@@ -28,6 +32,8 @@ function setStatus(text, isError = false) {
 }
 
 function current() { return models.find((m) => `${m.name}:${m.version}` === $("model").value); }
+const ref = (m) => `${m.name}:${m.version}`;
+const isEmbedding = (m) => Boolean(m) && m.task === "embedding";  // /embed's own task: no drawing, a gallery
 
 function showOptions() {
   const m = current();
@@ -35,6 +41,7 @@ function showOptions() {
     el.style.display = m && el.dataset.task.split(" ").includes(m.task) ? "" : "none";
   }
   $("cam-option").style.display = m && m.task === "classification" && m.outputs && m.outputs.cam ? "" : "none";
+  $("gallery").hidden = !isEmbedding(m);
 }
 
 async function loadModels() {
@@ -80,10 +87,12 @@ function form(model, file) {
 async function run(file) {
   const model = current();
   if (!model || !file) return;
+  if (file !== lastFile) $("item_id").value = file.name;  // a new image: its file name is its default id
   lastFile = file;
   const mine = ++latest;
   setStatus(`Asking ${model.name}:${model.version}...`);
-  $("labels").innerHTML = ""; $("legend").innerHTML = ""; $("timing").textContent = "";
+  $("labels").innerHTML = ""; $("legend").innerHTML = ""; $("embedding").textContent = ""; $("timing").textContent = "";
+  clearMatches();
   const t0 = performance.now();
   let response, body;
   try {
@@ -116,6 +125,7 @@ async function run(file) {
 }
 
 function summary(model, body) {
+  if (model.task === "embedding") return `a ${body.dimensions}-dimensional embedding`;
   if (model.task === "classification") return body.labels.map((l) => `${l.label} ${l.score.toFixed(3)}`).join(", ");
   if (model.task === "detection" || model.task === "keypoints" || model.task === "instance_segmentation") {
     return `${body.detections.length} detection(s): ` +
@@ -212,6 +222,8 @@ async function draw(model, body, bitmap) {
       item.appendChild(document.createTextNode(`${c.label} (${c.area} px)`));
       $("legend").appendChild(item);
     }
+  } else if (model.task === "embedding") {
+    showEmbedding(model, body);  // nothing to draw on the image: its vector, in part, below it
   } else {
     body.labels.forEach((l, k) => {
       const li = document.createElement("li");
@@ -262,6 +274,150 @@ async function overlayHeat(ctx, b64, w, h) {
   ctx.putImageData(image, 0, 0);
 }
 
+function showEmbedding(model, body) {
+  const el = $("embedding");
+  const shown = body.embedding.slice(0, EMBEDDING_SHOWN);
+  el.textContent = "";
+  el.appendChild(document.createElement("strong")).textContent = `${body.dimensions} dimensions`;
+  el.appendChild(document.createTextNode(
+    ` (${model.embedding ? model.embedding.metric : "cosine"}), the first ${shown.length}: `));
+  el.appendChild(document.createElement("code")).textContent =
+    `[${shown.map((v) => v.toFixed(4)).join(", ")}${body.embedding.length > shown.length ? ", ..." : ""}]`;
+}
+
+// --- galleries: enrol the current image, or search with it --------------------------------------
+
+// A request to the service answered in JSON: its body, or an Error "<status>: <the service's message>".
+async function call(path, init = {}) {
+  const response = await fetch(new URL(path, base), {...init, headers: {...headers(), ...(init.headers || {})}});
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (e) {
+    body = null;  // not JSON (a proxy's page): the status says enough
+  }
+  if (!response.ok) {
+    const error = new Error(`${response.status}: ${body && body.error ? body.error.message : response.statusText}`);
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+const galleryPath = (name) => `galleries/${encodeURIComponent(name)}`;
+
+function imageForm(file, fields) {
+  const data = new FormData();
+  data.append("image", file);
+  for (const [key, value] of Object.entries(fields)) data.append(key, value);
+  return data;
+}
+
+function clearMatches() {
+  $("matches").hidden = true;
+  $("matches").tBodies[0].innerHTML = "";
+}
+
+function showMatches(body) {
+  const table = $("matches"), rows = table.tBodies[0];
+  rows.innerHTML = "";
+  table.caption.textContent = `Gallery ${body.gallery} (${body.model.name}:${body.model.version}): ` +
+    (body.matches.length ? `the ${body.matches.length} nearest` : "no items");
+  for (const m of body.matches) {
+    const tr = rows.insertRow();
+    tr.insertCell().textContent = m.id;
+    const score = tr.insertCell();
+    score.className = "score"; score.textContent = m.score.toFixed(3);
+    const metadata = tr.insertCell();
+    metadata.className = "metadata"; metadata.textContent = JSON.stringify(m.metadata);
+  }
+  table.hidden = false;
+}
+
+function showGalleryTiming(t, step) {
+  $("timing").textContent = `decode ${t.decode_ms} ms, inference ${t.inference_ms} ms (batch ${t.batch_size}), ` +
+    `${step} ${t[step + "_ms"]} ms\nservice ${t.total_ms} ms`;
+}
+
+// The gallery's info, after creating it (bound to the model) if there is none of that name.
+async function ensureGallery(name, model) {
+  try {
+    return {info: await call(galleryPath(name)), created: false};
+  } catch (e) {
+    if (e.status !== 404) throw e;
+  }
+  try {
+    const info = await call("galleries", {method: "POST", headers: {"Content-Type": "application/json"},
+                                          body: JSON.stringify({name, model: ref(model)})});
+    return {info, created: true};
+  } catch (e) {
+    if (e.status !== 409) throw e;
+    return {info: await call(galleryPath(name)), created: false};  // someone else created it meanwhile
+  }
+}
+
+// The selected embedding model, the current image and the gallery's name; null (saying why) if any is missing.
+function galleryTarget() {
+  const model = current();
+  if (!isEmbedding(model)) return null;
+  if (!lastFile) {
+    setStatus("Choose an image first.", true);
+    return null;
+  }
+  const name = $("gallery_name").value.trim() || DEFAULT_GALLERY;
+  $("gallery_name").value = name;
+  return {model, file: lastFile, name};
+}
+
+// Runs one gallery request (its buttons disabled meanwhile); work answers the status line's "Done: ..." text.
+async function galleryAction(busy, work) {
+  const buttons = [$("enrol"), $("search")];
+  for (const b of buttons) b.disabled = true;
+  setStatus(busy);
+  $("timing").textContent = "";
+  try {
+    setStatus(await work());
+  } catch (e) {
+    setStatus(e.status ? e.message : "The request failed: " + e.message, true);
+  } finally {
+    for (const b of buttons) b.disabled = false;
+  }
+}
+
+async function enrol() {
+  const target = galleryTarget();
+  if (!target) return;
+  const {model, file, name} = target;
+  const id = $("item_id").value.trim() || file.name;
+  await galleryAction(`Enrolling ${id} in gallery ${name}...`, async () => {
+    const {created} = await ensureGallery(name, model);
+    const fields = {id, metadata: JSON.stringify({file: file.name}), model: ref(model)};
+    const body = await call(`${galleryPath(name)}/items`, {method: "POST", body: imageForm(file, fields)});
+    window.lastGalleryAnswer = body;
+    showGalleryTiming(body.timing, "store");
+    return `Done: enrolled ${body.id} in ${created ? "the new " : ""}gallery ${body.gallery} ` +
+      `(${body.count} item${body.count === 1 ? "" : "s"})`;
+  });
+}
+
+async function search() {
+  const target = galleryTarget();
+  if (!target) return;
+  const {model, file, name} = target;
+  clearMatches();
+  await galleryAction(`Searching gallery ${name}...`, async () => {
+    const fields = {k: String(SEARCH_K), model: ref(model)};
+    const body = await call(`${galleryPath(name)}/search`, {method: "POST", body: imageForm(file, fields)});
+    window.lastGalleryAnswer = body;
+    showMatches(body);
+    showGalleryTiming(body.timing, "search");
+    return `Done: ${body.matches.length} match(es) in gallery ${body.gallery}` +
+      (body.matches.length ? `, the nearest ${body.matches[0].id} (${body.matches[0].score.toFixed(3)})` : "");
+  });
+}
+
+$("enrol").addEventListener("click", enrol);
+$("search").addEventListener("click", search);
 $("model").addEventListener("change", () => { showOptions(); if (lastFile) run(lastFile); });
 $("file").addEventListener("change", (e) => { if (e.target.files[0]) run(e.target.files[0]); });
 $("api_key").addEventListener("change", loadModels);
