@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Regenerate the shipped default models in models/ from scratch (synthetic data, fixed seeds).
 # CPU: about 3 hours on 2 cores; CUDA: a few minutes. Usage: bash training/build_default_models.sh [STAGE...]
-# Stages: data classifier segmenter detector instances keypoints (default: all, in that order).
+# Stages: data classifier segmenter detector instances keypoints identities (default: all, in that order).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
-stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(data classifier segmenter detector instances keypoints)
+stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(data classifier segmenter detector instances keypoints identities)
 for stage in "${stages[@]}"; do
   case $stage in
     data)
@@ -19,7 +19,9 @@ for stage in "${stages[@]}"; do
       python -m training.synthetic instance_segmentation --out "$DATA/ins/train" --count 3000 --seed 1
       python -m training.synthetic instance_segmentation --out "$DATA/ins/val"   --count 300  --seed 2
       python -m training.figures --out "$DATA/kp/train" --count 2000 --seed 1
-      python -m training.figures --out "$DATA/kp/val"   --count 200  --seed 2 ;;
+      python -m training.figures --out "$DATA/kp/val"   --count 200  --seed 2
+      python -m training.identities --out "$DATA/ids/train" --identities 800 --views 8 --seed 1
+      python -m training.identities --out "$DATA/ids/val"   --identities 100 --views 6 --seed 2 ;;
     classifier)
       python -m training.train classification --train "$DATA/cls/train" --val "$DATA/cls/val" --out "$RUNS/shapes-classifier" \
         --arch mobilenet_v3_small --width-mult 0.75 --size 128 --epochs 30 --batch-size 32 --lr 3e-3
@@ -55,6 +57,13 @@ for stage in "${stages[@]}"; do
         --arch centernet_pose_mobilenet_v3_small --size 192 --epochs 16 --batch-size 16 --lr 2e-3
       python -m export.onnx_export "$RUNS/figures-keypoints/best.pt" --name figures-keypoints --version 1 \
         --dataset "synthetic stick figures (training.figures, seed 1)" --parity-data "$DATA/kp/val" ;;
+    identities)
+      # similarity learning (training/embedding.py): MobileNetV3-Small x0.75 features, a 128-d projection,
+      # contrastive pairs over identity batches; validated by retrieval among 100 unseen identities
+      python -m training.train embedding --train "$DATA/ids/train" --val "$DATA/ids/val" --out "$RUNS/shapes-identities" \
+        --arch mobilenet_v3_small --width-mult 0.75 --size 96 --epochs 24 --batch-size 64 --lr 2e-3 --workers 1
+      python -m export.onnx_export "$RUNS/shapes-identities/best.pt" --name shapes-identities --version 1 \
+        --dataset "synthetic identities (training.identities, seed 1)" --parity-data "$DATA/ids/val" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -13,13 +13,18 @@ from core.repository import ModelEntry, discover
 from core.runtime import OnnxModel
 from core.tasks import TASKS
 from export.evaluate import evaluate
-from training import figures, synthetic
+from training import figures, identities, synthetic
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 SHIPPED = discover(MODELS)
 FRESH_SEED = 7  # training used seed 1, validation seed 2
 IDS = [e.ref for e in SHIPPED]
-WRITERS = {**synthetic.WRITERS, "keypoints": figures.write_keypoints}  # fresh data by task
+
+def _identities(out: Path, count: int, seed: int) -> None:
+    identities.write_identities(out, count, 6, seed=seed, size=96)  # identities of six views each
+
+
+WRITERS = {**synthetic.WRITERS, "keypoints": figures.write_keypoints, "embedding": _identities}  # fresh data by task
 
 
 def test_repository_is_small_and_complete() -> None:
@@ -51,15 +56,20 @@ def test_shipped_model_obeys_contract_and_runs(entry: ModelEntry) -> None:
         assert all(out[o.labels].max() < len(contract.labels) for out in outputs)
 
 
+# The embedding model (no bar in its issue): measured on fresh identities of seeds 7 and 8,
+# mAP@R 0.665 / 0.617 and recall@1 0.832 / 0.818; held about 0.07 below them.
+MAP_AT_R_BAR, RECALL_AT_1_BAR = 0.55, 0.75
 # The issues' acceptance bars on each task's metric (README "Shipped models" has the figures);
 # the segmenter must also reach CLASS_BAR on every class, on two fresh sets.
 BARS = {"classification": 0.95, "segmentation": 0.85, "detection": 0.85, "keypoints": 0.80,
-        "instance_segmentation": 0.85}
+        "instance_segmentation": 0.85, "embedding": MAP_AT_R_BAR}
+# The embedding model is also held to recall@1: a fresh view's nearest other image is of its identity.
+EXTRA_BARS = {"embedding": {"recall_at_1": RECALL_AT_1_BAR}}
 CLASS_BAR = 0.75
 COUNTS = {"classification": 200, "segmentation": 100, "detection": 100, "keypoints": 150,
-          "instance_segmentation": 300}  # 100 of seed 7 scored 0.829, 300 0.875: the larger sample (README)
+          "instance_segmentation": 300, "embedding": 100}  # 100 of seed 7 scored 0.829, 300 0.875: the larger sample (README)
 SEEDS = {"classification": (FRESH_SEED,), "segmentation": (FRESH_SEED, FRESH_SEED + 1), "detection": (FRESH_SEED,),
-         "keypoints": (FRESH_SEED,), "instance_segmentation": (FRESH_SEED,)}
+         "keypoints": (FRESH_SEED,), "instance_segmentation": (FRESH_SEED,), "embedding": (FRESH_SEED, FRESH_SEED + 1)}
 
 
 @pytest.mark.parametrize("entry", SHIPPED, ids=IDS)
@@ -69,6 +79,7 @@ def test_shipped_model_meets_its_bar_on_fresh_data(entry: ModelEntry, tmp_path: 
         WRITERS[task](tmp_path / f"data{seed}", COUNTS[task], seed=seed)
         metrics = evaluate(entry.path, tmp_path / f"data{seed}")
         assert metrics[TASKS[task].metric] >= BARS[task], (seed, metrics)
+        assert all(metrics[name] >= bar for name, bar in EXTRA_BARS.get(task, {}).items()), (seed, metrics)
         if task == "segmentation":
             assert min(metrics["iou"].values()) >= CLASS_BAR, (seed, metrics["iou"])
 

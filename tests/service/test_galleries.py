@@ -60,7 +60,7 @@ def enrolled(server: Server, fresh: Path) -> str:
 
 def test_a_gallery_finds_the_identity_of_fresh_views(server: Server, fresh: Path, enrolled: str) -> None:
     """Recall@1 of fresh views against one enrolled view per identity (30 identities the model
-    never saw). Measured on this set: 0.9 or more; a random ranking scores 1/30."""
+    never saw). Measured on this set: 0.917 (55 of 60); a random ranking scores 1/30."""
     hits, queries = 0, 0
     for folder in sorted(p for p in fresh.iterdir() if p.is_dir()):
         for view in ("0001.png", "0002.png"):
