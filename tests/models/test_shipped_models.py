@@ -66,8 +66,9 @@ BARS = {"classification": 0.95, "segmentation": 0.85, "detection": 0.85, "keypoi
 # The embedding model is also held to recall@1: a fresh view's nearest other image is of its identity.
 EXTRA_BARS = {"embedding": {"recall_at_1": RECALL_AT_1_BAR}}
 CLASS_BAR = 0.75
+# instance_segmentation: 100 of seed 7 scored 0.829, 300 0.875: the larger sample (README); embedding: identities
 COUNTS = {"classification": 200, "segmentation": 100, "detection": 100, "keypoints": 150,
-          "instance_segmentation": 300, "embedding": 100}  # 100 of seed 7 scored 0.829, 300 0.875: the larger sample (README)
+          "instance_segmentation": 300, "embedding": 100}
 SEEDS = {"classification": (FRESH_SEED,), "segmentation": (FRESH_SEED, FRESH_SEED + 1), "detection": (FRESH_SEED,),
          "keypoints": (FRESH_SEED,), "instance_segmentation": (FRESH_SEED,), "embedding": (FRESH_SEED, FRESH_SEED + 1)}
 
