@@ -7,6 +7,8 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,31 @@ def test_grpc_load_from_h2load_counts_calls_the_service_refused_as_errors(server
     assert refused["requests"] > 5 and refused["errors"] == refused["requests"]
     again = h2load_grpc(server.url, server.grpc, "shapes-classifier", "images", image, 2, 1, tmp_path)
     assert again["errors"] == 0 and again["requests"] < 2 * ok["requests"] + 50  # a run counts its own calls only
+
+
+@WRK
+def test_galleries_benchmark_measures_enrolment_search_and_recall_at_each_size(server, tmp_path: Path) -> None:
+    """Tiny settings of loadtest.galleries against the started service: real enrolments over
+    HTTP, synthetic vectors written into its SQLite file, every level's row, no error, and the
+    exact store's recall measured as 1.0 at each size."""
+    from loadtest import galleries
+
+    out = tmp_path / "galleries.json"
+    port = server.url.rsplit(":", 1)[1]
+    galleries.main(["--url", server.url, "--server-pid", str(server.proc.pid),
+                    "--db", str(server.log.parent / f"galleries-{port}.db"), "--gallery", "bench-test",
+                    "--enrol", "20", "--sizes", "20,200", "--clients", "1,2", "--seconds", "1", "--queries", "10",
+                    "--batch", "50", "--json-out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["operation"], r["items"], r["clients"]) for r in rows if r["operation"] == "search"] == [
+        ("search", 20, 1), ("search", 20, 2), ("search", 200, 1), ("search", 200, 2)]
+    assert [(r["operation"], r["clients"]) for r in rows if r["operation"] == "enrol"] == [("enrol", 1), ("enrol", 2)]
+    assert all(r["requests"] > 0 and r["errors"] == 0 and 0 < r["p50_ms"] <= r["p99_ms"] for r in rows), rows
+    assert all(r["rss_peak_mb"] > 50 for r in rows)
+    assert [(s["items"], s["items_in_file"], s["recall_at_10"]) for s in result["sizes"]] == [
+        (20, 20, 1.0), (200, 200, 1.0)]
+    assert all(0 < s["data_mb"] <= s["disk_mb"] and s["search_ms_p50"] > 0 for s in result["sizes"])
+    # the benchmark's galleries are gone afterwards
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"{server.url}/galleries/bench-test", timeout=30)
