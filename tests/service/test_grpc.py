@@ -20,14 +20,15 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from loadtest.processes import free_port
-from tests.support.http import request
+from tests.support.http import post, request
 from tests.support.images import jpeg, scene
 from tests.support.servers import SHIPPED_MODELS, Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 KEY = "grpc-test-key-0123456789"
 MODELS = {"classification": "shapes-classifier", "detection": "shapes-detector", "segmentation": "shapes-segmenter",
-          "keypoints": "figures-keypoints", "instance_segmentation": "shapes-instances"}
+          "keypoints": "figures-keypoints", "instance_segmentation": "shapes-instances",
+          "embedding": "shapes-identities"}
 _DETECTIONS = [("detection_boxes", None), ("detection_scores", None), ("detection_classes", None),
                ("num_detections", None)]
 TASK_OUTPUTS = {
@@ -36,6 +37,7 @@ TASK_OUTPUTS = {
     "segmentation": [("class_map", None)],
     "keypoints": [*_DETECTIONS, ("detection_keypoints", None)],
     "instance_segmentation": [*_DETECTIONS, ("detection_masks", None)],
+    "embedding": [("embedding", None)],
 }
 
 
@@ -137,6 +139,21 @@ def test_bytes_jpeg_answers_equal_rest(client: tg.InferenceServerClient, grpc_se
             assert got.tolist() == rest[name].tolist()
         else:
             np.testing.assert_allclose(got, rest[name], rtol=1e-6, atol=1e-6)
+
+
+def test_embeddings_as_tensors_equal_the_embed_endpoint(client: tg.InferenceServerClient,
+                                                        grpc_server: tuple[Server, str]) -> None:
+    """v2 users get an embedding model's vectors as an FP32 [N, D] tensor: /embed's answer."""
+    images = [_image(6), _image(7)]
+    result = client.infer("shapes-identities", [_bytes_input(images)], outputs=_outputs("embedding"))
+    got = result.as_numpy("embedding")
+    assert got.dtype == np.float32 and got.shape == (2, 128)
+    for image, vector in zip(images, got):
+        status, _, body = post(grpc_server[0].url + "/embed", files={"image": ("i.jpg", image)},
+                               fields={"model": "shapes-identities"})
+        assert status == 200, body
+        np.testing.assert_allclose(vector, body["embedding"], atol=2e-6)
+        assert abs(float(np.linalg.norm(vector)) - 1) < 1e-5
 
 
 @pytest.mark.parametrize("task", list(MODELS))
