@@ -4,7 +4,6 @@ that share shapes and colours yet never look alike, and views told apart by thei
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -17,6 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 from core.datasets import ImageFolder
+from tests.support.files import tree_digest
 from training.identities import (
     DOT_RADIUS,
     MARK_KINDS,
@@ -35,15 +35,6 @@ from training.identities import (
 from training.synthetic import SHAPES
 
 
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def _pixels(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
@@ -60,7 +51,7 @@ def test_the_same_seed_writes_the_same_bytes_and_another_seed_other_identities(t
     write_identities(tmp_path / "a", 6, 3, seed=3)
     write_identities(tmp_path / "b", 6, 3, seed=3)
     write_identities(tmp_path / "c", 6, 3, seed=4)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
     first, other = ([{k: v for k, v in d.items() if k != "name"}
                      for d in json.loads((tmp_path / x / "identities.json").read_text())["identities"]] for x in "ac")
     assert not any(d in other for d in first), "another seed must give other identities"

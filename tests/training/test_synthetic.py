@@ -1,19 +1,10 @@
-import hashlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from tests.support.files import tree_digest
 from training.synthetic import SHAPES, write_classification, write_detection, write_segmentation
-
-
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path: Path) -> None:
@@ -21,8 +12,8 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path: Path) -> None:
         writer(tmp_path / "a", 6, seed=3)
         writer(tmp_path / "b", 6, seed=3)
         writer(tmp_path / "c", 6, seed=4)
-        assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-        assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+        assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+        assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
         for d in "abc":
             import shutil
             shutil.rmtree(tmp_path / d)
