@@ -204,6 +204,9 @@ LAYOUTS: dict[str, OutputLayout] = {
 }
 NEEDS_KEYPOINTS = ("keypoints",)  # the tasks whose contract carries a KeypointSpec
 NEEDS_EMBEDDING = ("embedding",)  # the tasks whose contract carries an EmbeddingSpec
+# The contract's task-specific fields: the tasks that need each, and what it holds (for messages).
+TASK_SPECS = {"keypoints": (NEEDS_KEYPOINTS, "names, skeleton, sigmas"),
+              "embedding": (NEEDS_EMBEDDING, "dimension, metric")}
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,7 @@ class ModelContract:
 
     def to_json(self) -> str:
         doc = asdict(self)
-        for optional in ("keypoints", "embedding"):  # the other tasks' documents stay as they were
+        for optional in TASK_SPECS:  # the other tasks' documents stay as they were
             if doc[optional] is None:
                 del doc[optional]
         return json.dumps(doc, sort_keys=True)
@@ -270,18 +273,14 @@ class ModelContract:
             seen.add(name)
         _validate_input(self.input)
         LAYOUTS[self.task].check(self.task, self.outputs)
-        if self.task in NEEDS_KEYPOINTS:
-            if self.keypoints is None:
-                raise ContractError(f"keypoints: required for {self.task} (names, skeleton, sigmas)")
-            self.keypoints.validate()
-        elif self.keypoints is not None:
-            raise ContractError(f"keypoints: not part of a {self.task} model's contract")
-        if self.task in NEEDS_EMBEDDING:
-            if self.embedding is None:
-                raise ContractError(f"embedding: required for {self.task} (dimension, metric)")
-            self.embedding.validate()
-        elif self.embedding is not None:
-            raise ContractError(f"embedding: not part of a {self.task} model's contract")
+        for name, (tasks, holds) in TASK_SPECS.items():
+            spec = getattr(self, name)
+            if self.task in tasks:
+                if spec is None:
+                    raise ContractError(f"{name}: required for {self.task} ({holds})")
+                spec.validate()
+            elif spec is not None:
+                raise ContractError(f"{name}: not part of a {self.task} model's contract")
         b = self.batch
         if b.dynamic and b.size is not None:
             raise ContractError("batch.size: must be null when batch.dynamic is true")

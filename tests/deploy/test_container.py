@@ -18,7 +18,7 @@ import pytest
 
 from core.tasks import TASKS
 from tests.support.commands import run as _run
-from tests.support.http import get, post
+from tests.support.http import get, post, request
 from tests.support.images import jpeg, scene
 from tests.support.servers import free_port
 from training.figures import render_figures
@@ -60,6 +60,15 @@ def _probe(url: str) -> None:
     assert status == 400 and body["error"]["type"] == "invalid_image"
     status, _, body = get(url + "/models")
     assert status == 200 and {m["task"] for m in body["models"]} == set(TASKS)
+    # a gallery in the container's default store (SQLite in its working directory)
+    gallery = f"g{uuid.uuid4().hex[:8]}"
+    status, _, body = request(url, "POST", "/galleries", json.dumps({"name": gallery, "model": "shapes-identities"}),
+                              {"Content-Type": "application/json"})
+    assert status == 201, body
+    status, _, body = post(f"{url}/galleries/{gallery}/items", {"image": ("a.jpg", data)}, {"id": "scene-77"})
+    assert status == 201 and body["count"] == 1, body
+    status, _, body = post(f"{url}/galleries/{gallery}/search", {"image": ("a.jpg", data)})
+    assert status == 200 and body["matches"][0]["id"] == "scene-77", body
 
 
 FIND_WORKER = ("import os; print(next(p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid() and "

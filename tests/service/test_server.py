@@ -31,10 +31,13 @@ def test_health_and_models(server) -> None:
     status, _, body = get(server.url + "/models")
     assert status == 200
     tasks = {m["task"]: m for m in body["models"]}
-    assert set(tasks) == {"classification", "detection", "segmentation", "instance_segmentation", "keypoints"}
+    assert set(tasks) == {"classification", "detection", "segmentation", "instance_segmentation", "keypoints",
+                          "embedding"}
     for m in body["models"]:
         assert m["providers"] == ["CPUExecutionProvider"] and m["version"] == "1" and m["default_version"]
-        assert m["labels"] and m["input"]["height"] > 0
+        assert bool(m["labels"]) == (m["task"] != "embedding") and m["input"]["height"] > 0
+    assert tasks["embedding"]["embedding"] == {"dimension": 128, "metric": "cosine"}
+    assert tasks["embedding"]["endpoint"] == "/embed"
 
 
 def test_start_up_logs_the_providers_each_model_got(server) -> None:
