@@ -20,6 +20,8 @@ from tests.support.http import get, post, request
 from tests.support.servers import SHIPPED_MODELS, Server, start_server, stop_server
 from training.identities import write_identities
 
+pytestmark = pytest.mark.slow  # starts its own servers and a PostgreSQL
+
 MODEL = "shapes-identities"
 ADMIN = "gallery-admin-key"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
