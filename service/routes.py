@@ -115,14 +115,19 @@ def endpoint_handler(endpoint: Endpoint) -> Handler:
     return handle
 
 
-def _endpoint_route(endpoint: Endpoint) -> Route:
-    single, batch = RESPONSES[endpoint.name]
-    handle = endpoint_handler(endpoint)
+def admitted(route: str, handle: Handler, v2_errors: bool = False) -> RawHandler:
+    """The raw handler that serves ``handle`` after admission (service.asgi.serve_admitted),
+    its failures answered in the error shape (v2's with ``v2_errors``) and counted under ``route``."""
 
     async def raw(scope: Scope, receive: Receive, send: Send) -> None:
-        await serve_admitted(scope, receive, send, endpoint.name, handle)
+        await serve_admitted(scope, receive, send, route, handle, v2_errors=v2_errors)
 
-    return Route(f"/{endpoint.name}", ["POST"], raw, dict(
+    return raw
+
+
+def _endpoint_route(endpoint: Endpoint) -> Route:
+    single, batch = RESPONSES[endpoint.name]
+    return Route(f"/{endpoint.name}", ["POST"], admitted(endpoint.name, endpoint_handler(endpoint)), dict(
         name=endpoint.name, summary=endpoint.summary, tags=["inference"],
         response_model=single | batch,
         responses={200: {"description": "one image: its result; several: `results`, in order. With render: the "
@@ -212,10 +217,6 @@ async def v2_infer(worker: Worker, call: Call) -> Answer:
                   [(b"inference-header-content-length", str(json_length).encode())])
 
 
-async def _v2_infer_raw(scope: Scope, receive: Receive, send: Send) -> None:
-    await serve_admitted(scope, receive, send, "v2", v2_infer, v2_errors=True)
-
-
 async def _v2_infer_doc(request: V2InferRequest = Body(...)) -> Response:  # documents the JSON body
     raise NotImplementedError
 
@@ -241,7 +242,7 @@ def _v2_routes() -> list[Route]:
             Route(f"{prefix}/ready", ["GET"], _v2_get(v2_model_ready), dict(
                 name=f"v2-model-ready{suffix}", tags=tags, responses={404: V2_ERROR_RESPONSES[404]},
                 summary="200 when the model is loaded and the server ready")),
-            Route(f"{prefix}/infer", ["POST"], _v2_infer_raw, dict(
+            Route(f"{prefix}/infer", ["POST"], admitted("v2", v2_infer, v2_errors=True), dict(
                 name=f"v2-infer{suffix}", tags=tags, response_model=V2InferResponse, responses=V2_ERROR_RESPONSES,
                 endpoint=_v2_infer_doc,
                 summary="Inference: encoded images (BYTES [N]) or the model's UINT8 tensor in; "
@@ -270,13 +271,6 @@ def _v2_routes() -> list[Route]:
 _GALLERY_PATHS = {"name": "the gallery's name", "item_id": "the item's id"}
 
 
-def _admitted(route: str, handle: Handler) -> RawHandler:
-    async def raw(scope: Scope, receive: Receive, send: Send) -> None:
-        await serve_admitted(scope, receive, send, route, handle)
-
-    return raw
-
-
 def _gallery_routes() -> list[Route]:
     """/galleries (service.galleries): create, list, drop; add, list and remove items; search by image."""
     from service import galleries as g
@@ -287,7 +281,7 @@ def _gallery_routes() -> list[Route]:
               extra: dict[str, Any] | None = None, status: int = 200, **doc: Any) -> Route:
         openapi = {**(extra or {})}
         openapi["parameters"] = [*path_parameters(path, _GALLERY_PATHS), *openapi.get("parameters", [])]
-        return Route(path, [method], _admitted(name, handle), dict(
+        return Route(path, [method], admitted(name, handle), dict(
             name=name, summary=summary, tags=tags, response_model=response, status_code=status,
             responses=GALLERY_ERRORS, openapi_extra=openapi, **doc))
 
