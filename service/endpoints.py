@@ -125,11 +125,17 @@ class Endpoint:
     def parse_options(self, raw: Mapping[str, str]) -> dict[str, Any]:
         """Typed options from raw strings (form fields or query parameters); defaults filled in.
         Unknown names are InvalidOption errors."""
-        known = {o.name: o for o in self.options}
-        for name in raw:
-            if name not in known:
-                raise InvalidOption(name, f"unknown option for /{self.name}; known: {', '.join(known)}")
-        return {name: (o.parse(raw[name]) if name in raw else o.default) for name, o in known.items()}
+        return parse_options(self.options, raw, f"/{self.name}")
+
+
+def parse_options(options: tuple[Option, ...], raw: Mapping[str, str], route: str) -> dict[str, Any]:
+    """``options`` typed from raw strings (form fields or query parameters), defaults filled in;
+    a name that is not one of them is an InvalidOption naming ``route`` and the known ones."""
+    known = {o.name: o for o in options}
+    for name in raw:
+        if name not in known:
+            raise InvalidOption(name, f"unknown option for {route}; known: {', '.join(known) or 'none'}")
+    return {name: (o.parse(raw[name]) if name in raw else o.default) for name, o in known.items()}
 
 
 _OUTPUT_NAMES = {"cam": "class activation maps"}

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from core.errors import GalleryConflict, InvalidGalleryRequest, InvalidOption, ItemNotFound, ModelNotFound
 from service import metrics
 from service.asgi import Answer, Call
-from service.endpoints import ENDPOINTS, Option
+from service.endpoints import ENDPOINTS, Option, parse_options
 from service.uploads import Upload, UploadError, read_body, read_upload
 from service.worker import Worker
 
@@ -80,15 +80,6 @@ def open_store(url: str) -> GalleryStore:
 
 def _store(worker: Worker) -> GalleryStore:
     return open_store(worker.settings.gallery_url)
-
-
-def parse(options: tuple[Option, ...], raw: dict[str, str]) -> dict[str, Any]:
-    """Typed ``options`` from raw strings; unknown names are InvalidOption errors."""
-    known = {o.name: o for o in options}
-    for name in raw:
-        if name not in known:
-            raise InvalidOption(name, f"unknown option; known: {', '.join(known)}")
-    return {name: (o.parse(raw[name]) if name in raw else o.default) for name, o in known.items()}
 
 
 def describe(gallery: Gallery) -> dict[str, Any]:
@@ -162,7 +153,7 @@ async def _embed(worker: Worker, gallery: Gallery, upload: Upload, expected: str
 # --- handlers -------------------------------------------------------------------------------
 
 async def list_galleries(worker: Worker, call: Call) -> Answer:
-    parse((), call.query)
+    parse_options((), call.query, "/galleries")
     galleries = await worker.pipeline.in_pool(_store(worker).galleries)
     return Answer(200, _json({"galleries": [describe(g) for g in galleries]}))
 
@@ -192,13 +183,13 @@ async def create_gallery(worker: Worker, call: Call) -> Answer:
 
 
 async def get_gallery(worker: Worker, call: Call) -> Answer:
-    parse((), call.query)
+    parse_options((), call.query, "/galleries/{name}")
     gallery = await worker.pipeline.in_pool(_store(worker).get, call.path_params["name"])
     return Answer(200, _json(describe(gallery)))
 
 
 async def drop_gallery(worker: Worker, call: Call) -> Answer:
-    parse((), call.query)
+    parse_options((), call.query, "/galleries/{name}")
     name = call.path_params["name"]
     await worker.pipeline.in_pool(_store(worker).drop, name)
     return Answer(200, _json({"deleted": name}))
@@ -208,7 +199,7 @@ async def add_item(worker: Worker, call: Call) -> Answer:
     started = time.perf_counter()
     upload = await read_upload(call.headers, call.query, call.receive, worker.limits, call.ticket.grow)
     _one_image(upload)
-    options = parse(ITEM_OPTIONS, upload.options)
+    options = parse_options(ITEM_OPTIONS, upload.options, "/galleries/{name}/items")
     metadata = _metadata(options["metadata"], worker.settings.gallery_max_metadata_bytes)
     item_id = options["id"] or str(uuid.uuid4())
     store = _store(worker)
@@ -231,7 +222,7 @@ async def add_item(worker: Worker, call: Call) -> Answer:
 
 
 async def list_items(worker: Worker, call: Call) -> Answer:
-    options = parse(PAGE_OPTIONS, call.query)
+    options = parse_options(PAGE_OPTIONS, call.query, "/galleries/{name}/items")
     store = _store(worker)
     name = call.path_params["name"]
     gallery = await worker.pipeline.in_pool(store.get, name)
@@ -243,7 +234,7 @@ async def list_items(worker: Worker, call: Call) -> Answer:
 
 
 async def remove_item(worker: Worker, call: Call) -> Answer:
-    parse((), call.query)
+    parse_options((), call.query, "/galleries/{name}/items/{item_id}")
     name, item_id = call.path_params["name"], call.path_params["item_id"]
     store = _store(worker)
     if not await worker.pipeline.in_pool(store.remove, name, [item_id]):
@@ -255,7 +246,7 @@ async def search(worker: Worker, call: Call) -> Answer:
     started = time.perf_counter()
     upload = await read_upload(call.headers, call.query, call.receive, worker.limits, call.ticket.grow)
     _one_image(upload)
-    options = parse(SEARCH_OPTIONS, upload.options)
+    options = parse_options(SEARCH_OPTIONS, upload.options, "/galleries/{name}/search")
     store = _store(worker)
     gallery = await worker.pipeline.in_pool(store.get, call.path_params["name"])
     vector, timing = await _embed(worker, gallery, upload, options["model"])
