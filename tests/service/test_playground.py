@@ -74,17 +74,17 @@ def page(server, browser, csp_messages) -> Iterator:
     pg.context.close()
 
 
-def _upload(page, path: Path) -> None:
-    page.evaluate("document.body.dataset.state = ''")
-    page.set_input_files("#file", str(path))
-    page.wait_for_function("() => ['done', 'error'].includes(document.body.dataset.state)", timeout=30000)
-
-
 def _settle(page, action) -> None:
     """Does ``action`` (a click, a choice) and waits until the page has its answer or its error."""
     page.evaluate("document.body.dataset.state = ''")
     action()
     page.wait_for_function("() => ['done', 'error'].includes(document.body.dataset.state)", timeout=30000)
+
+
+def _upload(page, path: Path) -> dict:
+    """Chooses the file at ``path``; the answer the page got (the last good one after an error)."""
+    _settle(page, lambda: page.set_input_files("#file", str(path)))
+    return page.evaluate("window.lastAnswer")
 
 
 def _canvas(page) -> np.ndarray:
@@ -116,10 +116,9 @@ def test_masks_are_overlaid_with_a_legend(page, tmp_path) -> None:
     path = tmp_path / "seg.png"
     scene(501, 320, 240).image.save(path)
     page.select_option("#model", "shapes-segmenter:1")
-    _upload(page, path)
+    answer = _upload(page, path)
     assert page.text_content("#status").startswith("Done:")
     legend = page.text_content("#legend")
-    answer = page.evaluate("window.lastAnswer")
     assert answer["classes"] and all(c["label"] in legend for c in answer["classes"])
     import base64
 
@@ -141,8 +140,7 @@ def test_keypoints_are_drawn_as_a_skeleton(page, tmp_path) -> None:
     path = tmp_path / "figure.png"
     img.save(path)
     page.select_option("#model", "figures-keypoints:1")
-    _upload(page, path)
-    answer = page.evaluate("window.lastAnswer")
+    answer = _upload(page, path)
     assert page.text_content("#status").startswith(f"Done: {len(answer['detections'])} detection(s)")
     skeleton = page.evaluate("models.find((m) => m.name === 'figures-keypoints').keypoints.skeleton")
     pixels = _canvas(page)
@@ -176,8 +174,7 @@ def test_instances_are_overlaid_each_in_its_own_colour(page, tmp_path) -> None:
     path = tmp_path / "crowd.png"
     img.save(path)
     page.select_option("#model", "shapes-instances:1")
-    _upload(page, path)
-    answer = page.evaluate("window.lastAnswer")
+    answer = _upload(page, path)
     assert page.text_content("#status").startswith(f"Done: {len(answer['detections'])} detection(s)")
     assert len(answer["detections"]) >= 2
     import base64
@@ -208,8 +205,7 @@ def test_labels_for_a_classifier(page, tmp_path) -> None:
     path = tmp_path / "one.jpg"
     path.write_bytes(jpeg(scene(502, 200, 160, shapes=1).image))
     page.select_option("#model", "shapes-classifier:1")
-    _upload(page, path)
-    answer = page.evaluate("window.lastAnswer")
+    answer = _upload(page, path)
     items = page.locator("#labels li").all_text_contents()
     assert len(items) == len(answer["labels"]) == 5 and items[0].startswith(answer["labels"][0]["label"])
 
@@ -241,8 +237,7 @@ def test_an_embedding_model_enrols_in_and_searches_a_gallery(page, tmp_path) -> 
     second.write_bytes((tmp_path / "ids" / "id-00001" / "0000.png").read_bytes())
     page.select_option("#model", "shapes-identities:1")
     assert page.locator("#gallery").is_visible() and page.input_value("#gallery_name") == "playground"
-    _upload(page, first)
-    answer = page.evaluate("window.lastAnswer")
+    answer = _upload(page, first)
     assert answer["dimensions"] == len(answer["embedding"]) == 128
     assert page.text_content("#status") == "Done: a 128-dimensional embedding"
     summary = page.text_content("#embedding")
