@@ -45,6 +45,13 @@ class Overloaded(ServiceError):
     status, type = 503, "overloaded"
 
 
+class GalleriesUnavailable(ServiceError):
+    """The gallery store is off (CONVSERVE_GALLERY_URL=off) or cannot be opened: the deployment's
+    state, not the request's fault."""
+
+    status, type = 503, "galleries_unavailable"
+
+
 class V2Error(Exception):
     """A request the Open Inference Protocol layer (service.v2) refuses; ``status`` is a 4xx
     (or 503). Answered as the protocol's ``{"error": "..."}``."""

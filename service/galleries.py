@@ -23,6 +23,7 @@ longer loaded. Routes (README "Galleries"):
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -33,6 +34,8 @@ from core.errors import GalleryConflict, InvalidGalleryRequest, InvalidOption, I
 from service import metrics
 from service.asgi import Answer, Call
 from service.endpoints import ENDPOINTS, Option, parse_options
+from service.errors import GalleriesUnavailable
+from service.settings import GALLERIES_OFF
 from service.uploads import Upload, UploadError, read_body, read_upload
 from service.worker import Worker
 
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from service.gallery_store import Gallery, GalleryStore
     from service.repository import ServedModel
 
+log = logging.getLogger("convserve.galleries")
 EMBED = ENDPOINTS["embed"]
 MAX_CREATE_BYTES = 16 * 1024  # a create request's JSON body
 # Options of the item and search routes (query parameters or multipart form fields).
@@ -62,20 +66,34 @@ _stores_lock = threading.Lock()
 
 
 def open_store(url: str) -> GalleryStore:
-    """The store at ``url`` (``sqlite:///<file>`` or ``postgresql://...``), opened once per process."""
+    """The store at ``url`` (``sqlite:///<file>`` or ``postgresql://...``), opened once per
+    process; GalleriesUnavailable when galleries are off or the store cannot be opened (a
+    read-only file system, an unreachable database: logged with the reason, tried again at the
+    next request)."""
+    if url == GALLERIES_OFF:
+        raise GalleriesUnavailable("galleries are off on this deployment (CONVSERVE_GALLERY_URL=off: its replicas "
+                                   "share no gallery store; set it to postgresql://... to have galleries)")
     with _stores_lock:
         if url not in _stores:
-            if url.startswith("sqlite:///"):
-                from service.gallery_store import SqliteGalleryStore
-
-                path = Path(url.removeprefix("sqlite:///"))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _stores[url] = SqliteGalleryStore(path)
-            else:
-                from service.gallery_pgvector import PgvectorGalleryStore
-
-                _stores[url] = PgvectorGalleryStore(url)
+            try:
+                _stores[url] = _open(url)
+            except Exception as exc:
+                log.error("the gallery store %s cannot be opened: %s: %s", url.split("://")[0], type(exc).__name__, exc)
+                raise GalleriesUnavailable("the gallery store cannot be opened (the server log says why); the "
+                                           "service's other routes are unaffected") from None
         return _stores[url]
+
+
+def _open(url: str) -> GalleryStore:
+    if url.startswith("sqlite:///"):
+        from service.gallery_store import SqliteGalleryStore
+
+        path = Path(url.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return SqliteGalleryStore(path)
+    from service.gallery_pgvector import PgvectorGalleryStore
+
+    return PgvectorGalleryStore(url)
 
 
 def _store(worker: Worker) -> GalleryStore:

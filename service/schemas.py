@@ -492,7 +492,9 @@ class SearchAnswer(BaseModel):
 
 
 GALLERY_ERRORS: dict[int | str, dict[str, Any]] = {
-    **{s: ERROR_RESPONSES[s] for s in (400, 401, 408, 413, 415, 503)},
+    **{s: ERROR_RESPONSES[s] for s in (400, 401, 408, 413, 415)},
+    503: {"description": f"{ERRORS[503]}; or galleries_unavailable: galleries are off on this deployment "
+                         "(CONVSERVE_GALLERY_URL=off) or their store cannot be opened", "model": ErrorBody},
     404: {"description": "no such gallery, or no such item", "model": ErrorBody},
     409: {"description": "the gallery exists already, or holds another model version's vectors (or that version is "
                          "no longer loaded), or the galleries are full (CONVSERVE_GALLERY_MAX_ITEMS)",

@@ -39,7 +39,7 @@
 | CONVSERVE_GRPC_PORT | 8001 | port of the v2 gRPC service, shared by every worker (0: no gRPC; service.grpc_v2) |
 | CONVSERVE_GRPC_HOST | 0.0.0.0 | address the gRPC service listens on |
 | CONVSERVE_GALLERY_URL | sqlite:///galleries.sqlite3 | galleries: sqlite:///<file> (the working directory's) |
-|   |   | or postgresql://... (PostgreSQL with pgvector; service.galleries) |
+|   |   | or postgresql://... (PostgreSQL with pgvector; service.galleries), or off |
 | CONVSERVE_GALLERY_MAX_ITEMS | 250000 | items of all galleries together (each worker caches their vectors) |
 | CONVSERVE_GALLERY_MAX_METADATA_BYTES | 4096 | an item's metadata, as compact JSON |
 | CONVSERVE_KEEPALIVE_S | 5 | seconds an idle keep-alive connection stays open between requests (BentoML's default) |
@@ -59,6 +59,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PLACEMENTS = ("auto", "narrow", "wide", "both")  # service.placement.MODES, or measured
 DEFAULT_GALLERY_URL = "sqlite:///galleries.sqlite3"
 GALLERY_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+GALLERIES_OFF = "off"  # replicas that share no gallery store: the gallery routes answer 503
 CORES_PER_WORKER = 4  # one worker's event loop answers ~4 cores' worth of light-model requests (README "Heavy models")
 
 
@@ -79,8 +80,8 @@ def _number(name: str, default: Any, minimum: Any, kind: type) -> Any:
 
 def _gallery_url() -> str:
     url = os.environ.get("CONVSERVE_GALLERY_URL", "").strip() or DEFAULT_GALLERY_URL
-    if not url.startswith(GALLERY_SCHEMES) or url in GALLERY_SCHEMES:
-        raise ConfigError(f"CONVSERVE_GALLERY_URL must be sqlite:///<file> or postgresql://..., got {url[:60]!r}")
+    if url != GALLERIES_OFF and (not url.startswith(GALLERY_SCHEMES) or url in GALLERY_SCHEMES):
+        raise ConfigError(f"CONVSERVE_GALLERY_URL must be sqlite:///<file>, postgresql://... or off, got {url[:60]!r}")
     return url
 
 

@@ -150,3 +150,29 @@ def test_the_same_routes_on_postgresql_with_pgvector(views: list[bytes], tmp_pat
             assert _count(srv) == 9 and _found(srv, views[3]) != "item-3"
         finally:
             stop_server(srv.proc)
+
+
+@pytest.mark.parametrize("url,says", [
+    ("off", "galleries are off on this deployment"),
+    ("sqlite:////proc/convserve/galleries.db", "the gallery store cannot be opened"),  # no folder can be made there
+])
+def test_galleries_off_or_unopenable_are_503_and_the_rest_serves(views: list[bytes], tmp_path: Path, url: str,
+                                                                 says: str) -> None:
+    """A deployment without a shared store (the fleet, Kubernetes: CONVSERVE_GALLERY_URL=off) or
+    with one that cannot be opened answers the gallery routes 503 with the reason, not 500;
+    the task endpoints go on."""
+    srv = start_server(_repo(tmp_path), tmp_path / "serve.log", env={"CONVSERVE_DEVICE": "cpu",
+                                                                      "CONVSERVE_GALLERY_URL": url})
+    try:
+        for status, body in (request(srv.url, "POST", "/galleries", json.dumps({"name": "g", "model": MODEL}),
+                                     {"Content-Type": "application/json"})[::2],
+                             get(f"{srv.url}/galleries")[::2],
+                             post(f"{srv.url}/galleries/g/search", files={"image": ("q.png", views[0])})[::2]):
+            assert status == 503 and body["error"]["type"] == "galleries_unavailable", body
+            assert says in body["error"]["message"]
+        status, _, body = post(f"{srv.url}/embed", files={"image": ("q.png", views[0])})
+        assert status == 200 and len(body["embedding"]) == 128
+    finally:
+        stop_server(srv.proc)
+    if url != "off":
+        assert "the gallery store sqlite cannot be opened" in srv.log_text()
